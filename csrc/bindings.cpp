@@ -1,0 +1,39 @@
+// walt._C: the Python module that carries the ops library. The ops themselves are registered
+// with TORCH_LIBRARY_FRAGMENT(walt, ...) in each op's op.cpp; this file only exposes what is not
+// an op: how the library was built and what the running CPU offers.
+#include <torch/extension.h>
+
+#include "walt/cpu_features.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;
+  info["with_cuda"] = bool(WALT_WITH_CUDA);
+#if defined(__AVX512F__)
+  info["compiled_isa"] = "avx512f";
+#elif defined(__AVX2__)
+  info["compiled_isa"] = "avx2";
+#else
+  info["compiled_isa"] = "baseline";
+#endif
+  info["openmp"] = true;
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+pybind11::dict cpu_features() {
+  pybind11::dict f;
+  f["avx2"] = walt::cpu_has_avx2();
+  f["avx512f"] = walt::cpu_has_avx512f();
+  return f;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "walt fused kernels (ops are registered under torch.ops.walt)";
+  m.def("build_info", &build_info, "How walt._C was built.");
+  m.def("cpu_features", &cpu_features, "SIMD features of the running CPU that walt's kernels dispatch on.");
+}

@@ -1,0 +1,4 @@
+"""Python face of torch.ops.walt: autograd formulas, fake (meta) kernels and argument checks.
+
+`reference` holds the pure-PyTorch oracles that define what each op computes.
+"""
