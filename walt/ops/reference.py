@@ -1,0 +1,114 @@
+"""Pure-PyTorch definitions of what walt's fused ops compute.
+
+These are the oracles the kernels are tested against (run them in float64) and the readable
+specification of the ops' semantics. They favour clarity over speed. `window_attention_sdpa` is
+different: it is the fast unfused path a user would otherwise write (pad, partition,
+scaled_dot_product_attention, reverse) and serves as the benchmark baseline and the model's
+pure-PyTorch fallback.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def clamp_window(window, size):
+    """The window actually used on an input of spatial-temporal `size` (T, H, W)."""
+    return tuple(min(w, s) for w, s in zip(window, size))
+
+
+def window_attention_reference(q, k, v, window, scale=None, rel_pos_bias=None):
+    """3D windowed attention, one window at a time.
+
+    q, k, v: (B, T, H, W, heads, d). The grid is tiled by non-overlapping windows of
+    `window` = (wt, wh, ww) clamped to (T, H, W), starting at multiples of the window size;
+    windows at the far edge may be partial and then attend only among their valid tokens.
+    Each query attends to every key of its own window:
+        out[a] = sum_b softmax_b(scale * <q[a], k[b]> + bias[a, b]) v[b]
+    with bias[a, b] = rel_pos_bias[head, ta-tb+wt-1, ha-hb+wh-1, wa-wb+ww-1] in window-local
+    coordinates, using the requested (unclamped) window so a table fits any input size.
+    Returns a tensor shaped like q; softmax is computed in float32 or better.
+    """
+    B, T, H, W, heads, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    wt, wh, ww = clamp_window(window, (T, H, W))
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty(q.shape, dtype=compute, device=q.device)
+    for t0 in range(0, T, wt):
+        for h0 in range(0, H, wh):
+            for w0 in range(0, W, ww):
+                sl = (slice(None), slice(t0, t0 + wt), slice(h0, h0 + wh), slice(w0, w0 + ww))
+                qw, kw, vw = (x[sl].to(compute) for x in (q, k, v))
+                n_t, n_h, n_w = qw.shape[1:4]
+                n = n_t * n_h * n_w
+                qw, kw, vw = (x.reshape(B, n, heads, d) for x in (qw, kw, vw))
+                logits = torch.einsum("bqhd,bkhd->bhqk", qw, kw) * scale
+                if rel_pos_bias is not None:
+                    logits = logits + _bias_for_window(rel_pos_bias, window, (n_t, n_h, n_w)).to(compute)
+                attn = logits.softmax(dim=-1)
+                ow = torch.einsum("bhqk,bkhd->bqhd", attn, vw)
+                out[sl] = ow.reshape(B, n_t, n_h, n_w, heads, d)
+    return out.to(q.dtype)
+
+
+def _bias_for_window(rel_pos_bias, window, extent):
+    """(heads, n, n) bias of a window with `extent` = (n_t, n_h, n_w) valid tokens per axis."""
+    coords = torch.stack(
+        torch.meshgrid(*(torch.arange(e, device=rel_pos_bias.device) for e in extent), indexing="ij"), dim=-1
+    ).reshape(-1, 3)
+    rel = coords[:, None, :] - coords[None, :, :] + torch.tensor(window, device=rel_pos_bias.device) - 1
+    return rel_pos_bias[:, rel[..., 0], rel[..., 1], rel[..., 2]]
+
+
+def window_attention_sdpa(q, k, v, window, scale=None, rel_pos_bias=None):
+    """The unfused path: pad to whole windows, partition, SDPA, reverse, crop.
+
+    Same semantics as `window_attention_reference`; padded keys are masked out. This is what a
+    user would write without walt's kernel, so it is the benchmark baseline.
+    """
+    B, T, H, W, heads, d = q.shape
+    wt, wh, ww = clamp_window(window, (T, H, W))
+    pt, ph, pw = (-T) % wt, (-H) % wh, (-W) % ww
+    nt, nh, nw = (T + pt) // wt, (H + ph) // wh, (W + pw) // ww
+    n = wt * wh * ww
+
+    def partition(x):
+        if pt or ph or pw:
+            x = F.pad(x, (0, 0, 0, 0, 0, pw, 0, ph, 0, pt))
+        x = x.reshape(B, nt, wt, nh, wh, nw, ww, heads, d)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)  # B, nt, nh, nw, heads, wt, wh, ww, d
+        return x.reshape(B * nt * nh * nw, heads, n, d)
+
+    mask = None
+    if rel_pos_bias is not None:
+        mask = _bias_for_window(rel_pos_bias, window, (wt, wh, ww)).to(q.dtype)[None]  # 1, heads, n, n
+    if pt or ph or pw:
+        valid = torch.ones(T + pt, H + ph, W + pw, dtype=torch.bool, device=q.device)
+        valid[T:], valid[:, H:], valid[:, :, W:] = False, False, False
+        valid = valid.reshape(nt, wt, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(1, nt * nh * nw, 1, 1, n)
+        neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
+        neg = neg.expand(B, -1, -1, -1, -1).reshape(B * nt * nh * nw, 1, 1, n)
+        mask = neg if mask is None else mask + neg
+    o = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=mask, scale=scale)
+    o = o.reshape(B, nt, nh, nw, heads, wt, wh, ww, d).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
+    o = o.reshape(B, nt * wt, nh * wh, nw * ww, heads, d)
+    return o[:, :T, :H, :W].contiguous()
+
+
+def add_noise_reference(x0, t, alphas_cumprod, noise, target="v"):
+    """Forward diffusion q(x_t | x0) and the training target, in float64.
+
+    x0: (B, ...), t: (B,) integer timesteps, alphas_cumprod: (num_steps,), noise: like x0.
+        x_t = sqrt(ab[t]) * x0 + sqrt(1 - ab[t]) * noise
+        v   = sqrt(ab[t]) * noise - sqrt(1 - ab[t]) * x0     (target="v")
+        eps = noise                                          (target="eps")
+        x0  = x0                                             (target="x0")
+    """
+    ab = alphas_cumprod.to(torch.float64)[t.long()].reshape(-1, *([1] * (x0.dim() - 1)))
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    x0d, nd = x0.to(torch.float64), noise.to(torch.float64)
+    x_t = a * x0d + s * nd
+    targets = {"v": lambda: a * nd - s * x0d, "eps": lambda: nd, "x0": lambda: x0d}
+    if target not in targets:
+        raise ValueError(f"target must be one of 'v', 'eps', 'x0', got {target!r}")
+    return x_t, targets[target]()
