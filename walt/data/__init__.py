@@ -1,0 +1,1 @@
+"""Data: the procedural world, readers for real formats, and the dataset protocol."""
