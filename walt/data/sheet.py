@@ -49,11 +49,13 @@ def clip_rows(clip: dict, title: str, frames=(0, 4, 8, 12, 16), scale: int = 3, 
                 x0, y0, x1, y1 = (clip["boxes"][f, k] * scale).tolist()
                 d.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 255, 0) if k == 0 else (0, 255, 255))
         if tracks is not None:
-            for n in range(min(max_tracks, len(tracks))):
-                pts = [(float(x) * scale, float(y) * scale) for x, y in tracks[n, : f + 1]]
-                d.line(pts, fill=colors[n], width=1)
+            shown = np.linspace(0, len(tracks) - 1, min(max_tracks, len(tracks))).astype(int)
+            for n, idx in enumerate(shown):  # spread over the tracks: objects and background
+                pts = [(float(x) * scale, float(y) * scale) for x, y in tracks[idx, : f + 1]]
+                if len(pts) > 1:
+                    d.line(pts, fill=colors[n], width=1)
                 x, y = pts[-1]
-                if visible[n, f]:
+                if visible[idx, f]:
                     d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[n], outline=(0, 0, 0))
                 else:  # occluded or out of view: hollow marker
                     d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colors[n])

@@ -109,9 +109,10 @@ def _block_balanced(seed: int, split: int, index: int, task: int, n: int) -> int
 
 def sample_labels(config: WorldConfig, split: str, index: int) -> dict[str, int]:
     s = SPLITS.index(split)
-    appearance = _block_balanced(config.seed, s, index, 0, len(APPEARANCE_ACTIONS))
-    obj, coarse = divmod(appearance, len(COARSE_MOTIONS))
-    motion = 2 * coarse + _block_balanced(config.seed, s, index, 1, 2)
+    # One draw over (object, motion) pairs balances object, motion and appearance at once.
+    pair = _block_balanced(config.seed, s, index, 0, len(OBJECT_CLASSES) * len(MOTION_ACTIONS))
+    obj, motion = divmod(pair, len(MOTION_ACTIONS))
+    appearance = obj * len(COARSE_MOTIONS) + motion // 2
     return {
         "object": obj,
         "scene": _block_balanced(config.seed, s, index, 2, len(SCENE_CLASSES)),
