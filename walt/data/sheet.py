@@ -30,10 +30,11 @@ def _hsv(h):
     return 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
 
 
-def clip_rows(clip: dict, title: str, frames=(0, 4, 8, 12, 16), scale: int = 3, max_tracks: int = 16):
-    """Two image rows for one clip: RGB with boxes and track trails, then depth with the mask outline."""
+def clip_rows(clip: dict, title: str, columns: int = 5, scale: int = 3, max_tracks: int = 16):
+    """Two image rows for one clip: RGB with boxes and track trails, then depth with the mask outline,
+    at `columns` frames evenly spaced from the first to the last."""
     T, H, W, _ = clip["video"].shape
-    frames = [f for f in frames if f < T]
+    frames = sorted(set(np.linspace(0, T - 1, columns).round().astype(int).tolist()))
     tw, th = W * scale, H * scale
     rgb_row = Image.new("RGB", (tw * len(frames), th + 14), (255, 255, 255))
     dep_row = Image.new("RGB", (tw * len(frames), th), (255, 255, 255))

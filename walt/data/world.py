@@ -158,6 +158,14 @@ def project(points_world, cam_to_world, intrinsics):
     return np.stack([u, v], -1), z
 
 
+def unproject(pixels, depth, cam_to_world, intrinsics):
+    """World points (..., 3) of pixels (..., 2) with z-depth (...) seen by cameras broadcast over `...`."""
+    x = (pixels[..., 0] - intrinsics[..., 0, 2]) / intrinsics[..., 0, 0] * depth
+    y = (pixels[..., 1] - intrinsics[..., 1, 2]) / intrinsics[..., 1, 1] * depth
+    cam = np.stack([x, y, depth], -1)
+    return np.einsum("...ij,...j->...i", cam_to_world[..., :3, :3], cam) + cam_to_world[..., :3, 3]
+
+
 # ----------------------------------------------------------------------------- ray casting
 def _intersect_local(kind, o, d):
     """Distance t along world rays to a unit primitive, given rays already mapped into its local frame
