@@ -81,6 +81,9 @@ def test_clip_dataset_protocol_and_loader(store_dir):
     assert item["tracks"].shape == (SMALL.track_points, T, 2) and item["visible"].dtype == torch.bool
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0)))
     assert batch["video"].shape == (2, T, 3, H, W) and batch["labels"]["motion"].shape == (2,)
+    # worker processes open their own HDF5 handles and see the same data
+    again = next(iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1)))
+    torch.testing.assert_close(again["depth"], batch["depth"])
 
     frames = FrameDataset(ds)
     assert len(frames) == len(ds) * T

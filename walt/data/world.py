@@ -292,6 +292,7 @@ def _texture(rng, mode):
         img = _fashion_images()[fashion_index].astype(np.float32) / 255.0
         img = np.pad(img, 2, mode="edge")  # 28x28 -> 32x32
         w = img[..., None]
+        c2 = 0.35 + 0.5 * c2  # the images' black backgrounds become a light tint, not a dark blotch
     elif kind == 0:  # checker
         w = ((np.floor(xx * freq * 2 + phase[0]) + np.floor(yy * freq * 2 + phase[1])) % 2)[..., None]
     elif kind == 1:  # stripes
@@ -307,8 +308,9 @@ def _texture(rng, mode):
     return (c1 * w + c2 * (1 - w)).astype(np.float32)
 
 
-def _style(scene, rng):
-    """Ground colours/pattern, sky colours and light of an environment style (lightly jittered)."""
+def _style(scene, rng, view_azimuth):
+    """Ground colours/pattern, sky colours and light of an environment style (lightly jittered).
+    The light comes from behind the first camera (within 70 degrees), so objects face it lit."""
     j = lambda c: np.clip(np.asarray(c) + rng.uniform(-0.05, 0.05, 3), 0, 1)  # noqa: E731
     styles = {
         "checker_hall": dict(g1=(0.85, 0.85, 0.82), g2=(0.25, 0.25, 0.28), pattern="checker", scale=1.0,
@@ -328,7 +330,8 @@ def _style(scene, rng):
     for key in ("g1", "g2", "sky_lo", "sky_hi"):
         st[key] = j(st[key])
     st["offset"] = rng.uniform(0, 10, 2)
-    az, el = rng.uniform(0, 2 * np.pi), rng.uniform(np.radians(35), np.radians(65))
+    az = view_azimuth + np.pi + rng.uniform(-np.radians(70), np.radians(70))
+    el = rng.uniform(np.radians(35), np.radians(65))
     st["light"] = np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
     return st
 
@@ -420,7 +423,7 @@ def _sample_scene(config: WorldConfig, split: str, index: int):
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, 1])
     T = cfg.frames
     eyes, cam_rots = _camera_path(rng, labels["camera"], T)
-    style = _style(labels["scene"], rng)
+    style = _style(labels["scene"], rng, np.arctan2(cam_rots[0, 1, 2], cam_rots[0, 0, 2]))
     n_distract = int(rng.integers(0, cfg.max_objects))
     objects, classes = [], []
     for k in range(1 + n_distract):
