@@ -30,6 +30,7 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 OPENCV_SAMPLES_DIR = "/usr/share/doc/opencv-doc/examples/data"
 CASTLE_SIMU_DIR = "/usr/share/visp-images-data/ViSP-images/mbt-depth/Castle-simu"
+CASTLE_SIMU_DEPTH_FROM_COLOR = np.array([[1, 0, 0, -0.05], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
 
 
 class ReadError(ValueError):
@@ -386,18 +387,28 @@ class RGBDSequence:
 
     The world frame is the object frame, so cam_to_world = inverse(cMo). ViSP puts pixel centres at
     integer coordinates; walt puts them at +0.5, so the principal point is shifted by half a pixel.
-    The depth image is reported as given by the dataset (its own camera in the ViSP rig)."""
+
+    The depth sensor is a second camera of the rig: `depth_from_color` maps colour-camera points
+    to depth-camera points (ViSP's Castle-simu test uses a 5 cm shift along x; checked here by
+    reprojecting depth between frames). The depth is registered to the colour camera — each depth
+    pixel is unprojected, moved into the colour camera and splatted with a z-buffer — so `depth`,
+    `video`, `intrinsics` and `cam_to_world` all describe the same camera; pixels that no depth
+    sample lands on are 0. Pass depth_from_color=None for depth already in the colour camera."""
 
     label_names: dict = {}
 
     def __init__(self, root: str = CASTLE_SIMU_DIR, num_frames: int = 17, stride: int = 1,
-                 depth_scale: float = 0.000030518, config: str = "Config/chateau_depth.xml"):
+                 depth_scale: float = 0.000030518, config: str = "Config/chateau_depth.xml",
+                 depth_from_color=CASTLE_SIMU_DEPTH_FROM_COLOR):
         self.root, self.num_frames, self.stride, self.depth_scale = root, num_frames, stride, depth_scale
+        self.depth_from_color = None if depth_from_color is None else np.asarray(depth_from_color, np.float64)
         img_dir = os.path.join(root, "Images")
         if not os.path.isdir(img_dir):
             raise ReadError(root, "not a ViSP RGB-D sequence (no Images/ folder)")
         frames = sorted(int(m.group(1)) for f in os.listdir(img_dir) if (m := re.match(r"Image_(\d{4})\.(pgm|png)$", f)))
-        self.ext = "png" if os.path.exists(os.path.join(img_dir, f"Image_{frames[0]:04d}.png")) else "pgm" if frames else ""
+        if not frames:
+            raise ReadError(img_dir, "no Image_NNNN.pgm or .png frames")
+        self.ext = "png" if os.path.exists(os.path.join(img_dir, f"Image_{frames[0]:04d}.png")) else "pgm"
         self.frames = frames
         span = (num_frames - 1) * stride + 1
         self.starts = list(range(0, len(frames) - span + 1, span))
@@ -432,6 +443,26 @@ class RGBDSequence:
             raise ReadError(path, f"truncated depth file: header says {h}x{w} needs {8 + 2 * int(h) * int(w)} bytes, found {len(data)}")
         return np.frombuffer(data, "<u2", offset=8).reshape(int(h), int(w)).astype(np.float32) * self.depth_scale
 
+    def register(self, depth: np.ndarray) -> np.ndarray:
+        """Depth seen by the depth camera -> depth of the same surfaces seen by the colour camera."""
+        if self.depth_from_color is None:
+            return depth
+        H, W = depth.shape
+        K = self.K.astype(np.float64)
+        v, u = np.nonzero(depth > 0)
+        z = depth[v, u].astype(np.float64)
+        p = np.stack([(u + 0.5 - K[0, 2]) / K[0, 0] * z, (v + 0.5 - K[1, 2]) / K[1, 1] * z, z], -1)
+        color_from_depth = np.linalg.inv(self.depth_from_color)
+        q = p @ color_from_depth[:3, :3].T + color_from_depth[:3, 3]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.floor(K[0, 0] * q[:, 0] / q[:, 2] + K[0, 2])
+            y = np.floor(K[1, 1] * q[:, 1] / q[:, 2] + K[1, 2])
+        ok = (q[:, 2] > 0) & (x >= 0) & (x < W) & (y >= 0) & (y < H)
+        out = np.full(H * W, np.inf)
+        np.minimum.at(out, (y[ok] * W + x[ok]).astype(np.int64), q[ok, 2])  # nearest surface wins
+        out[np.isinf(out)] = 0.0
+        return out.reshape(H, W).astype(np.float32)
+
     @staticmethod
     def read_pose(path):
         try:
@@ -457,7 +488,7 @@ class RGBDSequence:
                     video.append(np.asarray(im.convert("RGB")))
             except (OSError, SyntaxError) as e:
                 raise ReadError(img_path, f"cannot decode image ({e})") from None
-            depth.append(self.read_depth(os.path.join(self.root, "Depth", f"Depth_{n:04d}.bin")))
+            depth.append(self.register(self.read_depth(os.path.join(self.root, "Depth", f"Depth_{n:04d}.bin"))))
             c2w.append(np.linalg.inv(self.read_pose(os.path.join(self.root, "CameraPose", f"Camera_{n:03d}.txt"))))
         T = self.num_frames
         return {"video": np.stack(video), "depth": np.stack(depth),

@@ -235,14 +235,15 @@ class _Object:
     texture: np.ndarray  # (S, S, 3) float32 in [0, 1]
     tiles: float  # texture repeats across the surface
 
-    def to_local(self, origins, dirs, frame_axis=True):
-        """Map world rays (T, P, 3) into the unit-primitive frame (per frame when frame_axis)."""
-        if frame_axis:
-            o = np.einsum("tji,tpj->tpi", self.rot, origins - self.pos[:, None]) / self.half
-            d = np.einsum("tji,tpj->tpi", self.rot, dirs) / self.half
-        else:  # one pose per ray: rot (P, 3, 3), pos (P, 3)
-            o = np.einsum("pji,pj->pi", self.rot, origins - self.pos) / self.half
-            d = np.einsum("pji,pj->pi", self.rot, dirs) / self.half
+    def to_local(self, origins, dirs, frames=None):
+        """Map world rays into the unit-primitive frame: rays (T, P, 3) with one pose per frame, or
+        rays (P, 3) whose frame indices are `frames` (P,)."""
+        if frames is None:
+            rot, pos = self.rot[:, None], self.pos[:, None]
+        else:
+            rot, pos = self.rot[frames], self.pos[frames]
+        o = np.einsum("...ji,...j->...i", rot, origins - pos) / self.half
+        d = np.einsum("...ji,...j->...i", rot, dirs) / self.half
         return o, d
 
 
@@ -257,7 +258,7 @@ def _scene_surfaces(objects, origins, dirs):
     hit = tg < t_best
     t_best, owner = np.where(hit, tg, t_best), np.where(hit, -1, owner)
     for k, ob in enumerate(objects):
-        o, d = ob.to_local(origins, dirs, frame_axis=origins.ndim == 3)
+        o, d = ob.to_local(origins, dirs)
         t = _intersect_local(ob.kind, o, d)
         hit = t < t_best
         t_best, owner = np.where(hit, t, t_best), np.where(hit, k, owner)
@@ -506,8 +507,8 @@ def render_clip(config: WorldConfig, split: str, index: int) -> dict[str, np.nda
         sel = owner == k
         if not sel.any():
             continue
-        tsel = np.nonzero(sel)[0]
-        local = np.einsum("pji,pj->pi", ob.rot[tsel], points[sel] - ob.pos[tsel]) / ob.half
+        tsel = np.nonzero(sel)[0]  # frame of each selected pixel
+        local, _ = ob.to_local(points[sel], dirs[sel], tsel)
         n_loc, u, v = _local_normal_uv(ob.kind, local)
         n_w = np.einsum("pij,pj->pi", ob.rot[tsel], n_loc / ob.half)
         normal[sel] = n_w / np.linalg.norm(n_w, axis=-1, keepdims=True)
@@ -521,9 +522,7 @@ def render_clip(config: WorldConfig, split: str, index: int) -> dict[str, np.nda
     t_idx = np.nonzero(lit)[0]
     in_shadow = np.zeros(len(shadow_o), bool)
     for ob in objects:
-        rot, pos = ob.rot[t_idx], ob.pos[t_idx]
-        o = np.einsum("pji,pj->pi", rot, shadow_o - pos) / ob.half
-        d = np.einsum("pji,j->pi", rot, light) / ob.half
+        o, d = ob.to_local(shadow_o, np.broadcast_to(light, shadow_o.shape), t_idx)
         in_shadow |= np.isfinite(_intersect_local(ob.kind, o, d))
     lambert = np.clip((normal[lit] * light).sum(-1), 0, 1) * ~in_shadow
     rgb = np.zeros(points.shape)
