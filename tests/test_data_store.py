@@ -109,7 +109,8 @@ def _world_points(s):
     return np.stack(pts)
 
 
-@pytest.mark.parametrize("transform", [Resize(12), Resize((36, 48)), CenterCrop(16), Compose(Resize(48), RandomCrop(32, torch.Generator().manual_seed(0)))])
+@pytest.mark.parametrize("transform", [Resize(12), Resize((36, 48)), CenterCrop(16),
+                                       Compose(Resize(48), RandomCrop(32, torch.Generator().manual_seed(0)))])
 def test_transforms_keep_tracks_intrinsics_and_boxes_consistent(store_dir, transform):
     ds = ClipDataset(WorldStore(store_dir, "train"))
     s = ds[0]

@@ -32,7 +32,9 @@ def _unproject(px, depth, K, c2w):
 
 def _project(p, K, c2w):
     cam = (p - c2w[:3, 3]) @ c2w[:3, :3]
-    return np.stack([K[0, 0] * cam[..., 0] / cam[..., 2] + K[0, 2], K[1, 1] * cam[..., 1] / cam[..., 2] + K[1, 2]], -1), cam[..., 2]
+    u = K[0, 0] * cam[..., 0] / cam[..., 2] + K[0, 2]
+    v = K[1, 1] * cam[..., 1] / cam[..., 2] + K[1, 2]
+    return np.stack([u, v], -1), cam[..., 2]
 
 
 def test_shapes_and_dtypes(clips):
@@ -171,7 +173,8 @@ def test_same_seed_same_clip_other_seed_other_clip():
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert not np.array_equal(a["video"], render_clip(cfg, "train", 5)["video"])
-    assert not np.array_equal(a["video"], render_clip(WorldConfig(seed=12, height=32, width=32, textures="procedural"), "train", 4)["video"])
+    other_seed = WorldConfig(seed=12, height=32, width=32, textures="procedural")
+    assert not np.array_equal(a["video"], render_clip(other_seed, "train", 4)["video"])
     assert not np.array_equal(a["video"], render_clip(cfg, "val", 4)["video"])
 
 

@@ -115,7 +115,10 @@ class FashionMNIST:
         prefix = {"train": "train", "test": "t10k"}.get(split)
         if prefix is None:
             raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}.")
-        find = lambda stem: next((os.path.join(root, stem + e) for e in (".gz", "") if os.path.exists(os.path.join(root, stem + e))), os.path.join(root, stem + ".gz"))  # noqa: E731
+        def find(stem):  # gzipped as distributed, or unpacked
+            plain = os.path.join(root, stem)
+            return plain if os.path.exists(plain) and not os.path.exists(plain + ".gz") else plain + ".gz"
+
         self.images = read_idx(find(f"{prefix}-images-idx3-ubyte"))
         self.labels = read_idx(find(f"{prefix}-labels-idx1-ubyte"))
         if len(self.images) != len(self.labels):
@@ -440,7 +443,8 @@ class RGBDSequence:
             raise ReadError(path, "truncated depth file (no 8-byte header)")
         h, w = np.frombuffer(data[:8], "<u4")
         if len(data) != 8 + 2 * int(h) * int(w):
-            raise ReadError(path, f"truncated depth file: header says {h}x{w} needs {8 + 2 * int(h) * int(w)} bytes, found {len(data)}")
+            need = 8 + 2 * int(h) * int(w)
+            raise ReadError(path, f"truncated depth file: header says {h}x{w} needs {need} bytes, found {len(data)}")
         return np.frombuffer(data, "<u2", offset=8).reshape(int(h), int(w)).astype(np.float32) * self.depth_scale
 
     def register(self, depth: np.ndarray) -> np.ndarray:

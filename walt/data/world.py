@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
 import os
 from dataclasses import dataclass
 
