@@ -51,6 +51,10 @@ def test_shapes_and_dtypes(clips):
 def test_unprojected_depth_follows_rigid_motion_to_the_track(clips):
     """Query pixel + its depth -> 3D -> its object's rigid motion (identity for the scene) ->
     projection into frame k lands on the recorded track wherever the point is visible."""
+    _check_tracks(clips)
+
+
+def _check_tracks(clips):
     checked = 0
     for c in clips:
         K, c2w, o2w = (c[k].astype(np.float64) for k in ("intrinsics", "cam_to_world", "object_to_world"))
@@ -74,6 +78,10 @@ def test_unprojected_depth_follows_rigid_motion_to_the_track(clips):
 
 
 def test_occlusion_flags_agree_with_depth(clips):
+    _check_occlusion(clips)
+
+
+def _check_occlusion(clips):
     agree_vis = agree_occ = n_vis = n_occ = 0
     for c in clips:
         H, Wd = c["depth"].shape[1:]
@@ -99,6 +107,10 @@ def test_occlusion_flags_agree_with_depth(clips):
 
 
 def test_boxes_contain_the_objects_pixels_and_are_tight(clips):
+    _check_boxes(clips)
+
+
+def _check_boxes(clips):
     gaps = []
     for c in clips:
         for k in np.nonzero(c["object_present"])[0]:
@@ -225,3 +237,13 @@ def test_fashion_textures_change_pixels_only():
     obj = a["mask"] > 0
     assert not np.array_equal(a["video"][obj], b["video"][obj])
     np.testing.assert_array_equal(a["video"][~obj & (a["depth"] > 30)], b["video"][~obj & (a["depth"] > 30)])
+
+
+@pytest.mark.slow
+def test_geometry_holds_over_many_clips():
+    """The three geometry checks over 60 clips that cover every label (opt in: -m slow)."""
+    cfg = WorldConfig(seed=8, textures="procedural")
+    many = [render_clip(cfg, "test", i) for i in range(60)]
+    _check_tracks(many)
+    _check_occlusion(many)
+    _check_boxes(many)
