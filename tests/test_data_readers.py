@@ -176,12 +176,13 @@ def _tapvid_entry(rng, T=6, H=20, W=30, N=5):
     return {"video": video, "points": points, "occluded": occluded}
 
 
-def test_tapvid_davis_pickle_round_trip(tmp_path):
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # 2 stores bytes via _codecs.encode
+def test_tapvid_davis_pickle_round_trip(tmp_path, protocol):
     rng = np.random.default_rng(0)
     data = {"bear": _tapvid_entry(rng), "car-turn": _tapvid_entry(rng, T=4)}
     path = str(tmp_path / "tapvid_davis.pkl")
     with open(path, "wb") as f:
-        pickle.dump(data, f)
+        pickle.dump(data, f, protocol=protocol)
     ds = TapVidPickle(path)
     assert len(ds) == 2
     item = ds.load(0)
