@@ -74,7 +74,9 @@ def add_noise(x0, t, alphas_cumprod, *, seed=0, keys=None, noise=None, target="v
         if not isinstance(keys, torch.Tensor) or keys.dtype.is_floating_point or keys.dtype.is_complex:
             raise TypeError(f"add_noise: keys must be an integer tensor, got {_describe(keys)}")
         if keys.shape != (B,):
-            raise ValueError(f"add_noise: keys must have shape (B,) = ({B},), one key per sample, got {tuple(keys.shape)}")
+            raise ValueError(
+                f"add_noise: keys must have shape (B,) = ({B},), one key per sample, got {tuple(keys.shape)}"
+            )
         keys = keys.to(torch.int64)
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
