@@ -1,9 +1,8 @@
 // CPU kernel of walt::add_noise: Philox normals and x_t / target in one pass over x0.
 //
 // Work is split into (sample, chunk of kChunk elements) tasks for at::parallel_for. A task draws
-// the chunk's normals into a cache-resident buffer with a loop that GCC vectorizes across Philox
-// blocks (built three times: baseline, AVX2+FMA, AVX-512, picked at run time), then combines them
-// with x0. Every value depends only on (seed, key, element index), so results are bitwise equal
+// the chunk's normals into a cache-resident buffer (a scalar build, an AVX2+FMA and an AVX-512
+// build, picked at run time), then combines them with x0. Every value depends only on (seed, key, element index), so results are bitwise equal
 // for any thread count, chunking or ISA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,22 +24,24 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include "walt/philox.h"
+#include "walt/philox_simd.h"
 
 namespace walt::noise {
 namespace {
 
-// Elements per task. A multiple of 4 whose number of Philox blocks (512) divides 2^32, so a chunk
-// never crosses a change of the block counter's high word.
+// Elements per task. A multiple of 64 whose number of Philox blocks (512) divides 2^32: a chunk
+// never crosses a change of the block counter's high word, and whole 16-block vectors fit it.
 constexpr int64_t kChunk = 2048;
 
-// Normals of Philox blocks lo0 .. lo0+n-1 (high word `hi`) into out[0 .. 4n).
-inline __attribute__((always_inline)) void fill_normals_body(float* __restrict out, uint64_t seed, uint64_t key,
-                                                              uint32_t hi, uint32_t lo0, int64_t n) {
-  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int64_t j = 0; j < n; ++j) {  // int64 index: GCC cannot vectorize a wrapping uint32 one
-    const philox_u32x4 o = philox4x32_10({lo0 + static_cast<uint32_t>(j), hi, k0, k1}, s0, s1);
-    const normal_pair p = box_muller(o.x, o.y), q = box_muller(o.z, o.w);
+constexpr int64_t kChunkBlocks = kChunk / 4;
+
+// Box-Muller of n blocks whose Philox words are w[0][j] .. w[3][j], into out[0 .. 4n).
+inline __attribute__((always_inline)) void box_muller_blocks(float* __restrict out, const uint32_t* __restrict w0,
+                                                              const uint32_t* __restrict w1,
+                                                              const uint32_t* __restrict w2,
+                                                              const uint32_t* __restrict w3, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {  // int64 index: GCC does not vectorize stores at a wrapping uint32 one
+    const normal_pair p = box_muller(w0[j], w1[j]), q = box_muller(w2[j], w3[j]);
     out[4 * j] = p.a;
     out[4 * j + 1] = p.b;
     out[4 * j + 2] = q.a;
@@ -48,23 +49,43 @@ inline __attribute__((always_inline)) void fill_normals_body(float* __restrict o
   }
 }
 
+// The normals of Philox blocks lo0 .. lo0+n-1 (counter high word `hi`, n <= kChunkBlocks) of the
+// sample keyed `key`, into out[0 .. 4n). Three builds of the same arithmetic, bitwise equal.
 using FillFn = void (*)(float*, uint64_t, uint64_t, uint32_t, uint32_t, int64_t);
 
 __attribute__((noinline)) void fill_normals_baseline(float* out, uint64_t seed, uint64_t key, uint32_t hi,
                                                      uint32_t lo0, int64_t n) {
-  fill_normals_body(out, seed, key, hi, lo0, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const normal4 v = philox_normal4(seed, key, (uint64_t(hi) << 32) | (lo0 + static_cast<uint32_t>(j)));
+    for (int k = 0; k < 4; ++k) out[4 * j + k] = v.v[k];
+  }
 }
 
 #if defined(__x86_64__)
+// Philox a vector of blocks at a time with vpmuludq (walt/philox_simd.h) into a structure of
+// arrays, then Box-Muller vectorized by GCC over that.
 __attribute__((noinline, target("avx2,fma"))) void fill_normals_avx2(float* out, uint64_t seed, uint64_t key,
                                                                      uint32_t hi, uint32_t lo0, int64_t n) {
-  fill_normals_body(out, seed, key, hi, lo0, n);
+  alignas(64) uint32_t words[4][kChunkBlocks];
+  for (int64_t j = 0; j < n; j += 8) {
+    uint32_t* const rows[4] = {words[0] + j, words[1] + j, words[2] + j, words[3] + j};
+    philox4x32_10_x8(lo0 + static_cast<uint32_t>(j), hi, static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32),
+                     static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), rows);
+  }
+  box_muller_blocks(out, words[0], words[1], words[2], words[3], n);
 }
 
-// 512-bit vectors: GCC's generic tuning would otherwise stay at 256 bits.
+// 512-bit vectors for the Box-Muller loop too: GCC's generic tuning would stay at 256 bits.
 __attribute__((noinline, target("avx512f,avx2,fma,prefer-vector-width=512"))) void fill_normals_avx512(
     float* out, uint64_t seed, uint64_t key, uint32_t hi, uint32_t lo0, int64_t n) {
-  fill_normals_body(out, seed, key, hi, lo0, n);
+  alignas(64) uint32_t words[4][kChunkBlocks];
+  for (int64_t j = 0; j < n; j += 16) {
+    uint32_t* const rows[4] = {words[0] + j, words[1] + j, words[2] + j, words[3] + j};
+    philox4x32_10_x16(lo0 + static_cast<uint32_t>(j), hi, static_cast<uint32_t>(key),
+                      static_cast<uint32_t>(key >> 32), static_cast<uint32_t>(seed),
+                      static_cast<uint32_t>(seed >> 32), rows);
+  }
+  box_muller_blocks(out, words[0], words[1], words[2], words[3], n);
 }
 #endif
 
