@@ -2,8 +2,8 @@
 //
 // Work is split into (sample, chunk of kChunk elements) tasks for at::parallel_for. A task draws
 // the chunk's normals into a cache-resident buffer (a scalar build, an AVX2+FMA and an AVX-512
-// build, picked at run time), then combines them with x0. Every value depends only on (seed, key, element index), so results are bitwise equal
-// for any thread count, chunking or ISA.
+// build, picked at run time), then combines them with x0. Every value depends only on (seed, key,
+// element index), so results are bitwise equal for any thread count, chunking or ISA.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,8 +18,11 @@
 
 // No FMA contraction in this file's kernels: x_t = a*x0 + s*eps must round both products like
 // diffusers does (walt/noising.h), and the normals' float approximations already spell out every
-// fma they want (walt/philox.h). Pure-pointer code only between push and pop, so no torch inline
-// function is compiled under different optimization flags.
+// fma they want (walt/philox.h). GCC decides contraction in the function the arithmetic ends up
+// inlined into, so everything down to the parallel loop that calls `combine` stays inside
+// push/pop; the torch inline functions it calls (sizes, data pointers) do no floating point.
+// Without this, a build with FMA in its baseline ISA (aarch64, WALT_NATIVE=1) loses bitwise
+// parity with diffusers, which tests/test_noise.py checks.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 

@@ -23,12 +23,15 @@ Without `noise`, eps is drawn from a counter-based generator, so a sample's nois
     Box-Muller on (x0, x1) and (x2, x3) with the top 24 bits of each word:
         u1 = ((x_a >> 8) + 1) * 2^-24 in (0, 1],  u2 = (x_b >> 8) * 2^-24 in [0, 1)
         r = sqrt(-2 log u1),  (r cos(2 pi u2), r sin(2 pi u2))
-    and element i takes normal number i % 4. log, sin and cos are float32 approximations shared
-    by the CPU and CUDA kernels (within about 3 float32 ulps of the exact values);
-    walt.ops.reference.philox_normal_reference is the float64 oracle.
+    and element i takes normal number i % 4. log, sin and cos are float32 approximations from
+    csrc/include/walt/philox.h, the header the CPU and CUDA kernels share (each normal is within
+    4 float32 ulps + 2^-24 of the exact value); walt.ops.reference.philox_normal_reference is the
+    float64 oracle. eps is the same float32 stream for every x0 dtype.
 
 Keys default to the sample's position in the batch (0..B-1); pass stable clip ids to give a clip
-the same noise in any batch or on any rank.
+the same noise in any batch or on any rank. On CPU the generator runs as AVX-512, AVX2 or scalar
+code, whichever the machine offers, with bitwise-equal results; WALT_CPU_ISA=baseline|avx2|avx512
+caps the choice (for comparisons and debugging).
 """
 import torch
 
