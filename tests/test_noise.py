@@ -201,19 +201,28 @@ def test_noise_is_bitwise_identical_across_thread_counts():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_noise_is_bitwise_identical_across_vector_isas(monkeypatch):
-    # WALT_CPU_ISA caps the vector loop; on a CPU without AVX-512 or AVX2 the cap changes nothing.
-    x0 = torch.randn(3, 4099)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_are_bitwise_identical_across_vector_isas(monkeypatch, dtype):
+    # WALT_CPU_ISA caps the vector loops; on a CPU without AVX-512 or AVX2 the cap changes nothing.
+    # The scalar build cannot contract into FMAs on x86-64, so equality also shows the vector
+    # builds round a*x0 + s*eps like it does.
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(3, 4099, generator=g).to(dtype)
+    noise = torch.randn(3, 4099, generator=g).to(dtype)
     t = torch.tensor([5, 500, 995])
-    results = []
+    keys = torch.tensor([7, -7, 2**62])
+    results = {}
     for isa in ("baseline", "avx2", "avx512"):
         monkeypatch.setenv("WALT_CPU_ISA", isa)
-        results.append(add_noise(x0, t, AC, seed=2**40 + 1, keys=torch.tensor([7, -7, 2**62])))
-    for r in results[1:]:
-        assert torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1])
+        results[isa] = add_noise(x0, t, AC, seed=2**40 + 1, keys=keys) + add_noise(x0, t, AC, noise=noise)
+    for isa in ("avx2", "avx512"):
+        assert all(torch.equal(a, b) for a, b in zip(results[isa], results["baseline"])), isa
+
+
+def test_unknown_isa_cap_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WALT_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="WALT_CPU_ISA must be one of 'baseline', 'avx2' or 'avx512', got 'sse9'"):
-        add_noise(x0, t, AC)
+        add_noise(torch.zeros(1, 4), torch.tensor([0]), AC)
 
 
 def test_different_seeds_and_keys_give_different_noise():

@@ -95,8 +95,9 @@ __attribute__((noinline, target("avx512f,avx2,fma,prefer-vector-width=512"))) vo
 // x_t and the target of n elements of one sample with coefficients (a, s); eps is either the
 // generated float normals or the caller's noise in x0's dtype.
 template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
-void combine(const scalar_t* __restrict x0, const eps_t* __restrict eps, acc_t a, acc_t s, scalar_t* __restrict x_t,
-             scalar_t* __restrict tgt, int64_t n) {
+inline __attribute__((always_inline)) void combine_body(const scalar_t* __restrict x0, const eps_t* __restrict eps,
+                                                         acc_t a, acc_t s, scalar_t* __restrict x_t,
+                                                         scalar_t* __restrict tgt, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t x = static_cast<acc_t>(x0[i]);
     const acc_t e = static_cast<acc_t>(eps[i]);
@@ -105,9 +106,56 @@ void combine(const scalar_t* __restrict x0, const eps_t* __restrict eps, acc_t a
   }
 }
 
+// The same loop built for each ISA level (0 baseline, 1 AVX2, 2 AVX-512): it is memory-bound for
+// float32, but the float16/bfloat16 conversions are worth the wider vectors.
+template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
+using CombineFn = void (*)(const scalar_t*, const eps_t*, acc_t, acc_t, scalar_t*, scalar_t*, int64_t);
+
+template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
+__attribute__((noinline)) void combine_baseline(const scalar_t* x0, const eps_t* eps, acc_t a, acc_t s, scalar_t* x_t,
+                                                scalar_t* tgt, int64_t n) {
+  combine_body<target>(x0, eps, a, s, x_t, tgt, n);
+}
+
+#if defined(__x86_64__)
+template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
+__attribute__((noinline, target("avx2,fma"))) void combine_avx2(const scalar_t* x0, const eps_t* eps, acc_t a, acc_t s,
+                                                                scalar_t* x_t, scalar_t* tgt, int64_t n) {
+  combine_body<target>(x0, eps, a, s, x_t, tgt, n);
+}
+
+template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
+__attribute__((noinline, target("avx512f,avx2,fma,prefer-vector-width=512"))) void combine_avx512(
+    const scalar_t* x0, const eps_t* eps, acc_t a, acc_t s, scalar_t* x_t, scalar_t* tgt, int64_t n) {
+  combine_body<target>(x0, eps, a, s, x_t, tgt, n);
+}
+#endif
+
+template <NoiseTarget target, typename scalar_t, typename acc_t, typename eps_t>
+CombineFn<target, scalar_t, acc_t, eps_t> select_combine(int level) {
+#if defined(__x86_64__)
+  if (level == 2) return combine_avx512<target, scalar_t, acc_t, eps_t>;
+  if (level == 1) return combine_avx2<target, scalar_t, acc_t, eps_t>;
+#endif
+  (void)level;
+  return combine_baseline<target, scalar_t, acc_t, eps_t>;
+}
+
+FillFn select_fill(int level) {
+#if defined(__x86_64__)
+  if (level == 2) return fill_normals_avx512;
+  if (level == 1) return fill_normals_avx2;
+#endif
+  (void)level;
+  return fill_normals_baseline;
+}
+
 template <NoiseTarget target, typename scalar_t>
-void run(const AddNoiseArgs& args, FillFn fill, scalar_t* x_t, scalar_t* tgt) {
+void run(const AddNoiseArgs& args, int level, scalar_t* x_t, scalar_t* tgt) {
   using acc_t = at::opmath_type<scalar_t>;
+  const FillFn fill = select_fill(level);
+  const auto combine_noise = select_combine<target, scalar_t, acc_t, scalar_t>(level);
+  const auto combine_normals = select_combine<target, scalar_t, acc_t, float>(level);
   const int64_t B = args.x0.size(0);
   const int64_t N = B == 0 ? 0 : args.x0.numel() / B;
   if (N == 0) return;
@@ -129,12 +177,12 @@ void run(const AddNoiseArgs& args, FillFn fill, scalar_t* x_t, scalar_t* tgt) {
       const acc_t a = coef_a[b], s = coef_s[b];
       const int64_t off = b * N + i0;
       if (noise) {
-        combine<target>(x0 + off, noise + off, a, s, x_t + off, tgt + off, n);
+        combine_noise(x0 + off, noise + off, a, s, x_t + off, tgt + off, n);
       } else {
         const uint64_t key = keys ? static_cast<uint64_t>(keys[b]) : static_cast<uint64_t>(b);
         const uint64_t block0 = static_cast<uint64_t>(i0) / 4;
         fill(buf, seed, key, static_cast<uint32_t>(block0 >> 32), static_cast<uint32_t>(block0), (n + 3) / 4);
-        combine<target>(x0 + off, buf, a, s, x_t + off, tgt + off, n);
+        combine_normals(x0 + off, buf, a, s, x_t + off, tgt + off, n);
       }
     }
   });
@@ -148,9 +196,9 @@ void run(const AddNoiseArgs& args, FillFn fill, scalar_t* x_t, scalar_t* tgt) {
 namespace walt::noise {
 namespace {
 
-// The widest vector loop this CPU runs, capped by WALT_CPU_ISA=baseline|avx2|avx512 (set it to
-// compare the variants or to rule one out while debugging).
-FillFn select_fill() {
+// The widest vector level this CPU runs (0 baseline, 1 AVX2+FMA, 2 AVX-512), capped by
+// WALT_CPU_ISA=baseline|avx2|avx512 (set it to compare the builds or to rule one out).
+int select_level() {
   int level = 0;
 #if defined(__x86_64__)
   level = cpu_has_avx512f() ? 2 : cpu_has_avx2() ? 1 : 0;
@@ -163,29 +211,25 @@ FillFn select_fill() {
     TORCH_CHECK(want >= 0, "WALT_CPU_ISA must be one of 'baseline', 'avx2' or 'avx512', got '", cap, "'.");
     level = std::min(level, want);
   }
-#if defined(__x86_64__)
-  if (level == 2) return fill_normals_avx512;
-  if (level == 1) return fill_normals_avx2;
-#endif
-  return fill_normals_baseline;
+  return level;
 }
 
 }  // namespace
 
 void add_noise_cpu_kernel(const AddNoiseArgs& args, at::Tensor& x_t, at::Tensor& target) {
-  const FillFn fill = select_fill();
+  const int level = select_level();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.x0.scalar_type(), "walt::add_noise", [&] {
     scalar_t* xt = x_t.mutable_data_ptr<scalar_t>();
     scalar_t* tg = target.mutable_data_ptr<scalar_t>();
     switch (args.target) {
       case NoiseTarget::v:
-        run<NoiseTarget::v, scalar_t>(args, fill, xt, tg);
+        run<NoiseTarget::v, scalar_t>(args, level, xt, tg);
         break;
       case NoiseTarget::eps:
-        run<NoiseTarget::eps, scalar_t>(args, fill, xt, tg);
+        run<NoiseTarget::eps, scalar_t>(args, level, xt, tg);
         break;
       case NoiseTarget::x0:
-        run<NoiseTarget::x0, scalar_t>(args, fill, xt, tg);
+        run<NoiseTarget::x0, scalar_t>(args, level, xt, tg);
         break;
     }
   });
