@@ -54,8 +54,9 @@ constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 
 // High word of the 64-bit product a*b. On the host it is assembled from 16-bit partial products
-// so that every operation stays in 32-bit lanes: GCC then vectorizes Philox across blocks with
-// plain 32-bit multiplies, where the 64-bit form is emulated lane by lane (about 2x slower).
+// so that every operation stays in 32-bit lanes: GCC then vectorizes a loop of Philox blocks with
+// plain 32-bit multiplies, where it emulates the 64-bit form lane by lane (about 2x slower). The
+// CPU kernel's AVX2/AVX-512 builds use walt/philox_simd.h instead, faster still.
 WALT_PHILOX_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
