@@ -73,7 +73,10 @@ def main():
     rows = [bench_shape(shape, args.device) for shape in SHAPES]
     columns = ["shape", "dtype", "fused_ms", "baseline_ms", "speedup", "fused_GB/s", "copy_GB/s", "fused/copy"]
     env = common.environment(args.device)
-    print(f"add_noise vs randn_like + arithmetic on {env['device']} ({env['threads']} threads), target v")
+    # Other work on the machine shows up as implausible copy bandwidth; the load says how much.
+    env["loadavg_1min"] = os.getloadavg()[0]
+    print(f"add_noise vs randn_like + arithmetic on {env['device']} ({env['threads']} threads, "
+          f"load average {env['loadavg_1min']:.2f} on {os.cpu_count()} CPUs), target v")
     common.print_table(rows, columns)
     accept = next(r for r in rows if r["shape"] == "x".join(map(str, ACCEPT_SHAPE)))
     passed = accept["speedup"] >= ACCEPT_RATIO
