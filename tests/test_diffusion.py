@@ -149,7 +149,7 @@ def test_samples_are_written_as_mp4_and_png_grid(tmp_path):
 
     from walt.diffusion.media import write_mp4, write_png_grid
 
-    videos = torch.zeros(3, 5, 3, 16, 24)
+    videos = -torch.ones(3, 5, 3, 16, 24)
     videos[:, :, 0] = 1.0  # red
     write_mp4(str(tmp_path / "s.mp4"), videos, fps=4)
     write_png_grid(str(tmp_path / "s.png"), videos, pad=2)
