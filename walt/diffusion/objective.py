@@ -62,6 +62,8 @@ class Diffusion:
         """(x_t, v target) for clean x0 at per-sample timesteps t."""
         if keys is None:
             keys = torch.arange(x0.shape[0])
+        if len(keys) != x0.shape[0]:
+            raise ValueError(f"keys must hold one key per example ({x0.shape[0]}), got {len(keys)}")
         if self.cfg.noise_backend == "fused":
             from walt.ops import add_noise  # imported late: only the fused path needs walt._C ops
 
@@ -92,6 +94,8 @@ class Diffusion:
         second pass sees that estimate on the channel axis. `estimator` runs the first pass
         (pass the unwrapped module under DDP); it defaults to `model`.
         """
+        if len(keys) != x0.shape[0]:
+            raise ValueError(f"keys must hold one key per example ({x0.shape[0]}), got {len(keys)}")
         t, use_sc = self.draw(seed, keys, x0.device)
         x_t, target = self.add_noise(x0, t, seed=seed, keys=keys)
         self_cond = torch.zeros_like(x0)

@@ -110,6 +110,8 @@ def _level_plan(cfg):
     n_s = _log2(cfg.spatial_factor, "spatial_factor")
     n_t = _log2(cfg.temporal_factor, "temporal_factor")
     n_levels = len(cfg.channel_mult)
+    if cfg.num_res_blocks < 1:
+        raise ValueError(f"num_res_blocks must be at least 1, got {cfg.num_res_blocks}")
     if n_s != n_levels - 1:
         raise ValueError(
             f"spatial_factor {cfg.spatial_factor} needs {n_s + 1} channel_mult entries, got {len(cfg.channel_mult)}"
@@ -149,7 +151,7 @@ class Decoder(nn.Module):
         self.conv_in = CausalConv3d(cfg.latent_channels, chs[0])
         layers, cin = [ResBlock(chs[0], chs[0], cfg.groups), ResBlock(chs[0], chs[0], cfg.groups)], chs[0]
         for i, ch in enumerate(chs):
-            for _ in range(cfg.num_res_blocks + 1):
+            for _ in range(cfg.num_res_blocks):
                 layers.append(ResBlock(cin, ch, cfg.groups))
                 cin = ch
             if i < len(chs) - 1:
