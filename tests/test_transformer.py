@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import BACKENDS
+from backends import BACKENDS
 from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig, count_parameters
 
 

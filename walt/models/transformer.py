@@ -73,7 +73,7 @@ class Attention(nn.Module):
         if image_mode and window[0] > 1:
             # Per-frame windows: keep the table, use its temporal-offset-0 slice.
             wt = window[0]
-            window, bias = (1, *window[1:]), bias[:, wt - 1 : wt]
+            window, bias = (1, *window[1:]), bias[:, wt - 1 : wt].contiguous()
         o = window_attention(q, k, v, window, bias, backend)
         return self.proj(o.flatten(-2))
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the attention/noise backends every model test runs against."""
+"""The attention/noise backends every model test runs against (the fused ones once walt._C has them)."""
 import pytest
 
 import walt
