@@ -210,3 +210,9 @@ def test_cli_errors_are_one_sentence(tmp_path):
     assert res.exit_code == 2 and "unknown config key 'train.nope'" in res.output
     res = CliRunner().invoke(cli, ["diffusion", "--autoencoder", str(tmp_path), "--out", str(tmp_path / "y")])
     assert res.exit_code == 1 and "not a walt run directory" in res.output
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")) if p.endswith(".yaml")))
+def test_shipped_configs_resolve(path):
+    cfg = resolve(yaml_files=[os.path.join(os.path.dirname(__file__), "..", "configs", path)])
+    assert cfg.train.steps > 0 and cfg.model.mode in ("video", "image")
