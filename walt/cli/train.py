@@ -9,6 +9,7 @@
 Settings layer as: defaults <- --preset <- --config YAML files <- --set key.sub=value <- options.
 """
 import logging
+import os
 import sys
 
 import click
@@ -69,7 +70,8 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
         sys.exit(2)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"done: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"done: {out}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -73,6 +74,14 @@ def ema_update(ema, model, decay):
         e.copy_(b)
 
 
+def _stop(stage, what, value, step, ckpt_path, last_saved):
+    where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written yet"
+    raise NonFiniteLoss(
+        f"the {stage} {what} became non-finite ({value.item()}) at step {step}; stopping. "
+        f"The last good checkpoint is {where}; lower train.lr or check the data before resuming."
+    )
+
+
 def train(cfg, make_task, resume=False, stop_after=None):
     """Run (or continue) the training described by `cfg`; returns the output directory.
 
@@ -95,8 +104,6 @@ def _train(cfg, make_task, dist, resume, stop_after):
         os.makedirs(out, exist_ok=True)
         if resume and os.path.exists(cfg_path):
             with open(cfg_path) as f:
-                import yaml
-
                 changed = [k for k in diff(yaml.safe_load(f), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
             if changed:
                 raise ValueError(f"cannot resume {out}: the config differs from the saved run in {changed}")
@@ -184,14 +191,12 @@ def _train(cfg, make_task, dist, resume, stop_after):
                 loss, logs = task.loss(train_model, batch, step, keys)
             flag = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=device)
             if distributed.all_reduce_sum(flag).item() > 0:
-                where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written yet"
-                raise NonFiniteLoss(
-                    f"the {cfg.stage} loss became non-finite ({loss.item()}) at step {step}; stopping. "
-                    f"The last good checkpoint is {where}; lower train.lr or check the data before resuming."
-                )
+                _stop(cfg.stage, "loss", loss, step, ckpt_path, last_saved)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
+                _stop(cfg.stage, "gradient norm", grad_norm, step, ckpt_path, last_saved)
             opt.step()
             sched.step()
             if ema is not None:
@@ -199,7 +204,7 @@ def _train(cfg, make_task, dist, resume, stop_after):
             logs.update(task.after_step(batch, step) or {})
             step += 1
             bar.update(1)
-            window_tokens += task.tokens(batch) * dist.world
+            window_tokens += task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
             if step % tc.log_every == 0 or step == end:
                 mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / dist.world
                 dt = time.perf_counter() - window_t
