@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from walt.cli.train import main as cli
 from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
 from walt.diffusion import Diffusion, DiffusionConfig
-from walt.models import TRANSFORMER_PRESETS, WALT, AutoencoderConfig, CausalVAE, TransformerConfig
+from walt.models import TRANSFORMER_PRESETS, WALT, CausalVAE, TransformerConfig
 from walt.train import checkpoint
 from walt.train.data import FrameDataset, StepBatches
 from walt.train.loop import NonFiniteLoss, lr_factor, train
@@ -104,6 +104,9 @@ def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode):
     assert (tmp_path / "full" / "samples" / "step_000006.mp4").exists() == (mode == "video")
     saved = yaml.safe_load(open(tmp_path / "full" / "config.yaml"))
     assert saved["model"]["mode"] == mode and saved["train"]["steps"] == 6
+    model, cfg = checkpoint.load_transformer(full)  # the feature-dump path: EMA weights by default
+    assert cfg.model.mode == mode
+    assert_bitwise_equal(model.state_dict(), weights(full, "ema.safetensors"))
 
 
 def test_autoencoder_stage_with_discriminator_resumes_bit_exactly(tmp_path):
@@ -120,6 +123,8 @@ def test_autoencoder_stage_with_discriminator_resumes_bit_exactly(tmp_path):
     assert {"recon", "kl", "gen", "disc"} <= last.keys()
     vae = checkpoint.load_autoencoder(full)  # loads back as the diffusion stage will
     assert torch.equal(vae.latent_mean, wa["latent_mean"])
+    with pytest.raises(ValueError, match="expected a diffusion run"):
+        checkpoint.load_transformer(full)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ae_run, monkeypatch):
@@ -175,6 +180,14 @@ def test_lr_schedule():
     assert lr_factor(10, 10, 100, 0.0) == pytest.approx(1.0)
     assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = resolve("XL", sets=["model.mode=image", "train.betas=[0.9,0.95]", "data.kwargs={max_shapes: 2}"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    from walt.config import from_yaml_file
+
+    assert from_yaml_file(tmp_path / "c.yaml") == cfg
 
 
 def test_config_layers_yaml_then_set(tmp_path):

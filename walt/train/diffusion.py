@@ -3,7 +3,6 @@
 Video mode (V-WALT) trains on clips. Image mode (I-WALT) trains on frames drawn independently
 from the same clips, each encoded as an image (a 1-frame video).
 """
-import dataclasses
 import logging
 import os
 
