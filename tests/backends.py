@@ -1,5 +1,6 @@
 """The attention/noise backends every model test runs against (the fused ones once walt._C has them)."""
 import pytest
+import torch
 
 import walt
 
@@ -14,3 +15,12 @@ NOISE_BACKENDS = [
     "reference",
     pytest.param("fused", marks=pytest.mark.skipif(not FUSED_NOISE_BUILT, reason="fused ops not built")),
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The test models are tiny: one intra-op thread is as fast, and far steadier on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

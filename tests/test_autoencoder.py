@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from backends import one_thread  # noqa: F401  (autouse)
 from walt.models import AUTOENCODER_PRESETS, AutoencoderConfig, CausalVAE
 from walt.models.autoencoder import PatchDiscriminator3D, kl_loss
 

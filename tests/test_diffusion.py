@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from backends import NOISE_BACKENDS
+from backends import NOISE_BACKENDS, one_thread  # noqa: F401  (one_thread: autouse)
 from walt.diffusion import Diffusion, DiffusionConfig, ddim_sample, ddim_timesteps, make_schedule
 from walt.ops.reference import add_noise_reference
 

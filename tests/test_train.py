@@ -9,6 +9,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from backends import one_thread  # noqa: F401  (autouse)
 from walt.cli.train import main as cli
 from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
 from walt.diffusion import Diffusion, DiffusionConfig

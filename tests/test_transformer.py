@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from backends import BACKENDS
+from backends import BACKENDS, one_thread  # noqa: F401  (one_thread: autouse)
 from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig, count_parameters
 
 
