@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # "bf16" autocast on GPU; "fp32" always. CPUs always run fp32.
     device: str = "auto"  # "auto", "cpu" or "cuda"
+    threads: int = 0  # CPU intra-op threads per process (0: torch's default)
     compile: bool = False
     tensorboard: bool = False
 
@@ -89,7 +90,7 @@ PRESETS = {
 }
 
 # Keys that may differ when resuming (they change how long/often, not what is computed).
-RESUMABLE_CHANGES = {"train.steps", "train.ckpt_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.steps", "train.threads", "train.ckpt_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
 
 
 class ConfigError(ValueError):

@@ -88,6 +88,8 @@ def train(cfg, make_task, resume=False, stop_after=None):
     make_task(cfg, dist) -> task. stop_after ends this invocation after that many steps with a
     checkpoint (for time-sliced jobs); `resume` continues from <out_dir>/checkpoint.pt.
     """
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     dist = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, make_task, dist, resume, stop_after)
