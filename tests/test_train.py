@@ -95,6 +95,8 @@ def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode):
     run("diffusion", part, stop_after=4)  # interrupted after step 4 (checkpoint at 3 and at the stop)
     assert not os.path.exists(tmp_path / "part" / "model.safetensors")
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a crash after logging step 5, before its checkpoint
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
     run("diffusion", part, resume=True)
     for name in ("model.safetensors", "ema.safetensors"):
         assert_bitwise_equal(weights(full, name), weights(tmp_path / "part", name))

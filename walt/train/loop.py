@@ -102,15 +102,16 @@ def _train(cfg, make_task, dist, resume, stop_after):
     out = cfg.out_dir
     ckpt_path = os.path.join(out, "checkpoint.pt")
     cfg_path = os.path.join(out, "config.yaml")
+    # Every rank checks (read-only), so a refusal cannot leave the others waiting at a barrier.
+    if resume and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            changed = [k for k in diff(yaml.safe_load(f), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ValueError(f"cannot resume {out}: the config differs from the saved run in {changed}")
+    elif not resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if dist.main:
         os.makedirs(out, exist_ok=True)
-        if resume and os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                changed = [k for k in diff(yaml.safe_load(f), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
-            if changed:
-                raise ValueError(f"cannot resume {out}: the config differs from the saved run in {changed}")
-        elif not resume and os.path.exists(ckpt_path):
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         with open(cfg_path, "w") as f:
             f.write(to_yaml(cfg))
     distributed.barrier()
@@ -170,7 +171,14 @@ def _train(cfg, make_task, dist, resume, stop_after):
         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
     )
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if dist.main else None
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if dist.main and os.path.exists(metrics_path):
+        # Drop records of steps after the checkpoint (a crash between checkpoints): they are redone.
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics = open(metrics_path, "a") if dist.main else None
     tb = None
     if tc.tensorboard and dist.main:
         try:
