@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from backends import one_thread  # noqa: F401  (autouse)
+from backends import FUSED_BUILT, FUSED_NOISE_BUILT, one_thread  # noqa: F401  (one_thread: autouse)
 from walt.cli.train import main as cli
 from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
 from walt.diffusion import Diffusion, DiffusionConfig
@@ -88,10 +88,13 @@ def test_tiny_model_overfits_a_tiny_set():
     assert losses[-1] < losses[0] / 10
 
 
-@pytest.mark.parametrize("mode", ["video", "image"])
-def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode):
-    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run, **{"model.mode": mode}))
-    part = tiny_sets(tmp_path / "part", ae_run, **{"model.mode": mode})
+@pytest.mark.parametrize("mode,backend", [("video", "reference"), ("image", "reference"), *(
+    [pytest.param("video", "fused", marks=pytest.mark.skipif(not (FUSED_BUILT and FUSED_NOISE_BUILT), reason="fused ops not built"))]
+)])
+def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode, backend):
+    over = {"model.mode": mode, "model.attention_backend": backend, "diffusion.noise_backend": backend}
+    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run, **over))
+    part = tiny_sets(tmp_path / "part", ae_run, **over)
     run("diffusion", part, stop_after=4)  # interrupted after step 4 (checkpoint at 3 and at the stop)
     assert not os.path.exists(tmp_path / "part" / "model.safetensors")
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4

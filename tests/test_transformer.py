@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from backends import BACKENDS, one_thread  # noqa: F401  (one_thread: autouse)
+from backends import BACKENDS, FUSED_BUILT, one_thread  # noqa: F401  (one_thread: autouse)
 from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig, count_parameters
 
 
@@ -69,6 +69,23 @@ def test_image_mode_never_mixes_frames_video_mode_does(backend):
             assert (fx[3][:, 3] - fy[3][:, 3]).abs().amax() > 1e-3  # the changed frame itself does change
         else:
             assert delta > 1e-3
+
+
+@pytest.mark.skipif(not FUSED_BUILT, reason="fused ops not built")
+@pytest.mark.parametrize("mode", ["video", "image"])
+def test_fused_and_reference_backends_agree(mode):
+    x, t = _inputs()
+    outs, grads = [], []
+    for backend in ("reference", "fused"):
+        m = _model(mode=mode, attention_backend=backend, spatial_window=(1, 8, 6), spatiotemporal_window=(2, 3, 4))
+        out = m(x, t, self_cond=torch.randn_like(x, generator=torch.Generator().manual_seed(5)))
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-3, msg=n)
 
 
 def test_image_mode_is_per_frame_with_shared_weights():

@@ -5,6 +5,7 @@ from the same clips, each encoded as an image (a 1-frame video).
 """
 import logging
 import os
+import sys
 
 import torch
 
@@ -33,7 +34,7 @@ class DiffusionTask:
 
     @torch.no_grad()
     def encode(self, video):
-        z = self.vae.encode(video.float())  # image mode: (B, 1, 3, H, W) -> one latent frame
+        z = self.vae.encode(video.float()).float()  # fp32 targets even under bf16 autocast; image mode: 1 latent frame
         self.latent_shape = z.shape[1:]
         return z
 
@@ -67,7 +68,8 @@ class DiffusionTask:
         model.eval()
         g = torch.Generator().manual_seed(self.cfg.train.seed + 1)
         noise = torch.randn((self.cfg.train.num_samples, *self.latent_shape), generator=g).to(self.dist.device)
-        z = ddim_sample(model, noise, self.diffusion.alphas_cumprod, self.cfg.diffusion.sample_steps)
+        z = ddim_sample(model, noise, self.diffusion.alphas_cumprod, self.cfg.diffusion.sample_steps,
+                        progress=sys.stderr.isatty())
         video = self.vae.decode(z)
         model.train(was_training)
         os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
