@@ -137,7 +137,7 @@ def _train(cfg, make_task, dist, resume, stop_after):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
     start = 0
     if resume:
-        state = ckpt.load(ckpt_path, map_location=device)
+        state = ckpt.load(ckpt_path)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
