@@ -42,7 +42,7 @@ class DiffusionTask:
         x0 = self.encode(video)
         raw = model.module if hasattr(model, "module") else model
         raw = getattr(raw, "_orig_mod", raw)
-        loss = self.diffusion.loss(model, x0, seed=self.cfg.train.seed, keys=keys.to(x0.device), estimator=raw)
+        loss = self.diffusion.loss(model, x0, seed=self.cfg.train.seed, keys=keys, estimator=raw)  # keys stay on the CPU
         return loss, {}
 
     def after_step(self, video, step):
