@@ -235,3 +235,24 @@ def test_cli_errors_are_one_sentence(tmp_path):
 def test_shipped_configs_resolve(path):
     cfg = resolve(yaml_files=[os.path.join(os.path.dirname(__file__), "..", "configs", path)])
     assert cfg.train.steps > 0 and cfg.model.mode in ("video", "image")
+
+
+def test_cli_runs_both_stages_end_to_end(tmp_path):
+    def sets(name, **extra):
+        args = []
+        for s in tiny_sets(tmp_path / name, steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8, **extra}):
+            if not s.startswith("out_dir="):
+                args += ["--set", s]
+        return args + ["--out", str(tmp_path / name)]
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["autoencoder", *sets("ae")])
+    assert res.exit_code == 0, res.output
+    for mode in ("video", "image"):
+        args = ["diffusion", "--mode", mode, "--autoencoder", str(tmp_path / "ae"), *sets(mode)]
+        res = runner.invoke(cli, [*args, "--stop-after", "1"])
+        assert res.exit_code == 0 and not (tmp_path / mode / "model.safetensors").exists(), res.output
+        res = runner.invoke(cli, [*args, "--resume"])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / mode / "ema.safetensors").exists()
+        assert yaml.safe_load((tmp_path / mode / "config.yaml").read_text())["model"]["mode"] == mode
