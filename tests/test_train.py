@@ -256,3 +256,26 @@ def test_cli_runs_both_stages_end_to_end(tmp_path):
         assert res.exit_code == 0, res.output
         assert (tmp_path / mode / "ema.safetensors").exists()
         assert yaml.safe_load((tmp_path / mode / "config.yaml").read_text())["model"]["mode"] == mode
+
+
+def test_dataset_protocol_tensor_file_factory_and_tuples(tmp_path):
+    from safetensors.torch import save_file
+
+    from walt.config import DataConfig
+    from walt.train.data import build_dataset, clip_of, collate
+
+    clips = torch.rand(3, 5, 3, 16, 16) * 2 - 1
+    save_file({"video": clips}, str(tmp_path / "clips.safetensors"))
+    ds = build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "clips.safetensors")))
+    assert len(ds) == 3 and torch.equal(ds[1]["video"], clips[1])
+    ds = build_dataset(DataConfig(kind="factory", factory="walt.train.synthetic:MovingShapes", kwargs={"num_clips": 2, "frames": 5, "size": 16}))
+    assert len(ds) == 2 and ds[0]["video"].shape == (5, 3, 16, 16)
+    tuples = torch.utils.data.TensorDataset(clips)
+    assert collate([tuples[0], tuples[2]]).shape == (2, 5, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"clip \(T, 3, H, W\).*got \(5, 16, 16, 3\)"):
+        clip_of({"video": torch.zeros(5, 16, 16, 3)})
+    with pytest.raises(ValueError, match="module:callable"):
+        build_dataset(DataConfig(kind="factory", factory="nocolon"))
+    save_file({"video": clips[0]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"must be \(N, T, 3, H, W\)"):
+        build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "bad.safetensors")))

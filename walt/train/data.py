@@ -1,7 +1,7 @@
 """The dataset protocol of the trainers and the step-indexed batch order.
 
 A training dataset is any map-style dataset whose items are clips: a dict with "video"
-(T, 3, H, W) float32 in [-1, 1], or that tensor itself. `walt.data` datasets plug in through
+(T, 3, H, W) float32 in [-1, 1], that tensor itself, or a tuple led by it. `walt.data` datasets plug in through
 `data.kind: factory` ("module:callable"); until then the synthetic moving shapes or a tensor
 file of clips serve.
 
@@ -52,7 +52,9 @@ class TensorClips(torch.utils.data.Dataset):
 
 
 def clip_of(item):
-    video = item["video"] if isinstance(item, dict) else item
+    """The (T, 3, H, W) clip of a dataset item: a dict with "video", a tensor, or a tuple led by one
+    (torch's TensorDataset)."""
+    video = item["video"] if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
     if not torch.is_tensor(video) or video.dim() != 4 or video.shape[1] != 3:
         shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
         raise ValueError(f"a dataset item must be a clip (T, 3, H, W) or a dict with 'video' of that shape, got {shape}")
