@@ -279,3 +279,16 @@ def test_dataset_protocol_tensor_file_factory_and_tuples(tmp_path):
     save_file({"video": clips[0]}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match=r"must be \(N, T, 3, H, W\)"):
         build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "bad.safetensors")))
+
+
+def test_gradient_accumulation_matches_one_big_step(tmp_path, ae_run):
+    one = run("diffusion", tiny_sets(tmp_path / "one", ae_run, steps=3))
+    two = run("diffusion", tiny_sets(tmp_path / "two", ae_run, steps=3, **{"train.grad_accum": 2}))
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+    with pytest.raises(ValueError, match="divisible by processes x train.grad_accum"):
+        run("diffusion", tiny_sets(tmp_path / "three", ae_run, steps=3, **{"train.grad_accum": 3}))

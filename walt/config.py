@@ -40,6 +40,7 @@ class AutoencoderLossConfig:
 class TrainConfig:
     steps: int = 100_000
     batch_size: int = 64  # global, over all ranks
+    grad_accum: int = 1  # micro-batches per step on each rank (same result, less memory)
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.99)

@@ -9,6 +9,7 @@ Everything random in a step is seeded from (seed, step, rank) and the data order
 of the step, so `--resume` continues bit-exactly and the RNG states in the checkpoint are kept
 for completeness rather than needed.
 """
+import contextlib
 import copy
 import json
 import logging
@@ -165,6 +166,9 @@ def _train(cfg, make_task, dist, resume, stop_after):
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s stage: %.2fM parameters, %d steps, global batch %d on %d x %s", cfg.stage, n_params / 1e6, tc.steps,
              tc.batch_size, dist.world, device)
+    if tc.grad_accum < 1 or tc.batch_size % (dist.world * tc.grad_accum):
+        raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by processes x train.grad_accum "
+                         f"({dist.world} x {tc.grad_accum})")
     sampler = StepBatches(len(task.dataset), tc.batch_size, tc.seed, start, dist.rank, dist.world)
     loader = torch.utils.data.DataLoader(
         task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
@@ -197,13 +201,20 @@ def _train(cfg, make_task, dist, resume, stop_after):
             batch = next(it).to(device, non_blocking=True)
             keys = sampler.keys(step)
             torch.manual_seed(mix_seed(tc.seed, step, dist.rank))
-            with autocast:
-                loss, logs = task.loss(train_model, batch, step, keys)
-            flag = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=device)
-            if distributed.all_reduce_sum(flag).item() > 0:
-                _stop(cfg.stage, "loss", loss, step, ckpt_path, last_saved)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # Gradient accumulation: equal micro-batches of this rank's share, gradients synced
+            # on the last; the same examples and draws as one big step, so only memory changes.
+            loss = 0.0
+            for i, (micro, micro_keys) in enumerate(zip(batch.chunk(tc.grad_accum), keys.chunk(tc.grad_accum))):
+                sync = not dist.enabled or i == tc.grad_accum - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast:
+                        micro_loss, logs = task.loss(train_model, micro, step, micro_keys)
+                    flag = torch.tensor([0.0 if torch.isfinite(micro_loss.detach()) else 1.0], device=device)
+                    if distributed.all_reduce_sum(flag).item() > 0:
+                        _stop(cfg.stage, "loss", micro_loss, step, ckpt_path, last_saved)
+                    (micro_loss / tc.grad_accum).backward()
+                loss = loss + micro_loss.detach() / tc.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
                 _stop(cfg.stage, "gradient norm", grad_norm, step, ckpt_path, last_saved)
