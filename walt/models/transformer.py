@@ -194,39 +194,38 @@ class WALT(nn.Module):
             c = c + self.y_embed(y)
         return h, c
 
-    def _blocks(self, h, c, stop=None):
-        """Yields (index, tokens) after each block, up to block `stop` inclusive."""
+    def _run_blocks(self, h, c, taps=(), stop=None):
+        """Blocks 0..stop (all by default): (final tokens, {i: tokens after block i for i in taps})."""
         base = self.ada(c)
         image_mode, backend = self.cfg.mode == "image", self.cfg.attention_backend
         ac = F.silu(c)
-        for i, blk in enumerate(self.blocks):
+        tapped = {}
+        for i, blk in enumerate(self.blocks[: None if stop is None else stop + 1]):
             h = blk(h, blk.modulation(base, ac), image_mode, backend)
-            yield i, h
-            if stop is not None and i >= stop:
-                return
+            if i in taps:
+                tapped[i] = h
+        return h, tapped
 
     # -- public --------------------------------------------------------------------------------
     def forward(self, x, t, self_cond=None, y=None):
         """x: noisy latent (B, T', H', W', C); t: (B,) timesteps; self_cond: previous x0 estimate
         or None (zeros); y: (B,) class labels or None. Returns the v-prediction, shaped like x."""
         h, c = self._embed(x, t, self_cond, y)
-        for _, h in self._blocks(h, c):
-            pass
+        h, _ = self._run_blocks(h, c)
         shift, scale = self.final_ada(c)[:, None, None, None].chunk(2, dim=-1)
         return self.unpatchify(self.final_proj(modulate(self.final_norm(h), shift, scale)))
 
     def forward_features(self, x, t, blocks, self_cond=None, y=None):
         """Outputs of the requested blocks (0-based; negative counts from the end) in one pass:
         {block: (B, T', H'/p, W'/p, width)}. Stops after the deepest requested block."""
-        idx = sorted({b % self.cfg.depth for b in blocks})
+        if not blocks:
+            raise ValueError("forward_features needs at least one block index")
         for b in blocks:
             if not -self.cfg.depth <= b < self.cfg.depth:
                 raise ValueError(f"block {b} is out of range for a {self.cfg.depth}-block model")
+        idx = sorted({b % self.cfg.depth for b in blocks})
         h, c = self._embed(x, t, self_cond, y)
-        out = {}
-        for i, h in self._blocks(h, c, stop=idx[-1]):
-            if i in idx:
-                out[i] = h
+        _, out = self._run_blocks(h, c, taps=set(idx), stop=idx[-1])
         return {b: out[b % self.cfg.depth] for b in blocks}
 
 
