@@ -292,3 +292,18 @@ def test_gradient_accumulation_matches_one_big_step(tmp_path, ae_run):
     assert la == pytest.approx(lb, rel=1e-5)
     with pytest.raises(ValueError, match="divisible by processes x train.grad_accum"):
         run("diffusion", tiny_sets(tmp_path / "three", ae_run, steps=3, **{"train.grad_accum": 3}))
+
+
+@pytest.mark.slow
+def test_cpu_preset_demo_runs_all_stages(tmp_path):
+    """The documented demo, as shipped: 40 steps of each stage on the cpu preset."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["autoencoder", "--out", str(tmp_path / "ae")])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in open(tmp_path / "ae" / "metrics.jsonl")]
+    assert recs[-1]["step"] == 40 and recs[-1]["recon"] < recs[0]["recon"]
+    for mode in ("video", "image"):
+        res = runner.invoke(cli, ["diffusion", "--mode", mode, "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / mode)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / mode / "samples" / "step_000040.png").exists()
+        assert (tmp_path / mode / "ema.safetensors").exists()
