@@ -307,3 +307,11 @@ def test_cpu_preset_demo_runs_all_stages(tmp_path):
         assert res.exit_code == 0, res.output
         assert (tmp_path / mode / "samples" / "step_000040.png").exists()
         assert (tmp_path / mode / "ema.safetensors").exists()
+
+
+def test_diffusion_run_records_its_autoencoder_and_checks_the_latent_grid(tmp_path, ae_run):
+    out = run("diffusion", tiny_sets(tmp_path / "a", ae_run, steps=1))
+    saved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert saved["autoencoder"]["base_channels"] == TINY_AE["base_channels"]  # the run's, not the preset's 16
+    with pytest.raises(ValueError, match=r"into 2x8x8 latents, larger than model.input_size 5x4x4"):
+        run("diffusion", tiny_sets(tmp_path / "b", ae_run, steps=1, **{"data.size": 32, "model.input_size": [5, 4, 4]}))

@@ -70,10 +70,9 @@ def load_weights(module, path):
     return module
 
 
-def load_autoencoder(run_dir, device="cpu"):
-    """The trained autoencoder (with its latent statistics) of an autoencoder run directory."""
+def autoencoder_config(run_dir):
+    """The AutoencoderConfig an autoencoder run directory was trained with."""
     from walt.config import from_yaml_file
-    from walt.models.autoencoder import CausalVAE
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(cfg_path):
@@ -81,7 +80,14 @@ def load_autoencoder(run_dir, device="cpu"):
     cfg = from_yaml_file(cfg_path)
     if cfg.stage != "autoencoder":
         raise ValueError(f"{run_dir} holds a {cfg.stage!r} run, expected an autoencoder run")
-    vae = CausalVAE(cfg.autoencoder)
+    return cfg.autoencoder
+
+
+def load_autoencoder(run_dir, device="cpu"):
+    """The trained autoencoder (with its latent statistics) of an autoencoder run directory."""
+    from walt.models.autoencoder import CausalVAE
+
+    vae = CausalVAE(autoencoder_config(run_dir))
     return load_weights(vae, os.path.join(run_dir, "model.safetensors")).to(device).eval().requires_grad_(False)
 
 

@@ -11,6 +11,7 @@ for completeness rather than needed.
 """
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -89,6 +90,9 @@ def train(cfg, make_task, resume=False, stop_after=None):
     make_task(cfg, dist) -> task. stop_after ends this invocation after that many steps with a
     checkpoint (for time-sliced jobs); `resume` continues from <out_dir>/checkpoint.pt.
     """
+    if cfg.stage == "diffusion" and cfg.autoencoder_run:
+        # Record the autoencoder actually used, not the preset's, in the run's config.
+        cfg = dataclasses.replace(cfg, autoencoder=ckpt.autoencoder_config(cfg.autoencoder_run))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     dist = distributed.setup(cfg.train.device)
