@@ -52,6 +52,12 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     if dry_run:
+        if cfg.stage == "diffusion" and cfg.autoencoder_run and os.path.isdir(cfg.autoencoder_run):
+            import dataclasses
+
+            from walt.train.checkpoint import autoencoder_config
+
+            cfg = dataclasses.replace(cfg, autoencoder=autoencoder_config(cfg.autoencoder_run))
         n_walt, n_vae = _count(cfg)
         click.echo(to_yaml(cfg), nl=False)
         click.echo(f"# preset {cfg.preset}: WALT ({cfg.model.mode}) {n_walt:,} parameters ({n_walt / 1e6:.1f}M); "
