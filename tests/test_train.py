@@ -315,3 +315,14 @@ def test_diffusion_run_records_its_autoencoder_and_checks_the_latent_grid(tmp_pa
     assert saved["autoencoder"]["base_channels"] == TINY_AE["base_channels"]  # the run's, not the preset's 16
     with pytest.raises(ValueError, match=r"into 2x8x8 latents, larger than model.input_size 5x4x4"):
         run("diffusion", tiny_sets(tmp_path / "b", ae_run, steps=1, **{"data.size": 32, "model.input_size": [5, 4, 4]}))
+
+
+def test_autoencoder_trains_on_a_procedural_world_store(tmp_path):
+    data = pytest.importorskip("walt.data", reason="walt.data not available")
+    data.generate(str(tmp_path / "world"), data.WorldConfig(frames=5, height=16, width=16, track_points=4, textures="procedural"),
+                  {"train": 2}, shard_size=2, workers=1, progress=False)
+    sets = tiny_sets(tmp_path / "ae", steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8,
+                                                   "data.kind": "world", "data.path": str(tmp_path / "world"),
+                                                   "data.kwargs": {"split": "train"}})
+    out = run("autoencoder", sets)
+    assert weights(out)["latent_std"].min() > 0

@@ -16,11 +16,11 @@ from walt.models.transformer import TransformerConfig
 
 @dataclass
 class DataConfig:
-    kind: str = "moving_shapes"  # "moving_shapes" (synthetic), "tensor" (a file of clips) or "factory"
+    kind: str = "moving_shapes"  # "moving_shapes" (synthetic), "world" (walt-data store), "tensor" (clips file), "factory"
     num_clips: int = 1024  # moving_shapes only
     frames: int = 17
     size: int = 128
-    path: str = ""  # tensor: a .safetensors/.pt file whose "video" is (N, T, 3, H, W) in [-1, 1]
+    path: str = ""  # world: the store's directory; tensor: a .safetensors/.pt file with "video" (N, T, 3, H, W)
     factory: str = ""  # factory: "module:callable" returning a map-style dataset of clips
     kwargs: dict = field(default_factory=dict)
     num_workers: int = 0

@@ -1,9 +1,10 @@
 """The dataset protocol of the trainers and the step-indexed batch order.
 
 A training dataset is any map-style dataset whose items are clips: a dict with "video"
-(T, 3, H, W) float32 in [-1, 1], that tensor itself, or a tuple led by it. `walt.data` datasets plug in through
-`data.kind: factory` ("module:callable"); until then the synthetic moving shapes or a tensor
-file of clips serve.
+(T, 3, H, W) float32 in [-1, 1], that tensor itself, or a tuple led by it. A procedural-world
+store (`walt-data generate`) is `data.kind: world` with `data.path` (and `data.kwargs.split`);
+any other dataset plugs in through `data.kind: factory` ("module:callable"); the synthetic
+moving shapes and a tensor file of clips need nothing else.
 
 The order of examples is a pure function of (seed, step): a resumed run, and any number of
 ranks sharing one global batch, read exactly the examples an uninterrupted single-process run
@@ -22,12 +23,16 @@ def build_dataset(cfg):
         return MovingShapes(cfg.num_clips, cfg.frames, cfg.size, **cfg.kwargs)
     if cfg.kind == "tensor":
         return TensorClips(cfg.path)
+    if cfg.kind == "world":  # a procedural-world store written by `walt-data generate`
+        from walt.data import ClipDataset, WorldStore
+
+        return ClipDataset(WorldStore(cfg.path, **cfg.kwargs))
     if cfg.kind == "factory":
         module, _, name = cfg.factory.partition(":")
         if not module or not name:
             raise ValueError(f"data.factory must be 'module:callable', got {cfg.factory!r}")
         return getattr(importlib.import_module(module), name)(**cfg.kwargs)
-    raise ValueError(f"data.kind must be 'moving_shapes', 'tensor' or 'factory', got {cfg.kind!r}")
+    raise ValueError(f"data.kind must be 'moving_shapes', 'world', 'tensor' or 'factory', got {cfg.kind!r}")
 
 
 class TensorClips(torch.utils.data.Dataset):
