@@ -326,3 +326,27 @@ def test_autoencoder_trains_on_a_procedural_world_store(tmp_path):
                                                    "data.kwargs": {"split": "train"}})
     out = run("autoencoder", sets)
     assert weights(out)["latent_std"].min() > 0
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_is_bit_exact(tmp_path, ae_run, monkeypatch):
+    import signal
+
+    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run))
+    real, calls = Diffusion.loss, []
+
+    def preempted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # during the 4th step (one loss call per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Diffusion, "loss", preempted)
+    part = tiny_sets(tmp_path / "part", ae_run)
+    before = signal.getsignal(signal.SIGTERM)
+    run("diffusion", part)  # the step finishes, is checkpointed, and the run stops
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not os.path.exists(tmp_path / "part" / "model.safetensors")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    monkeypatch.setattr(Diffusion, "loss", real)
+    run("diffusion", part, resume=True)
+    assert_bitwise_equal(weights(full), weights(tmp_path / "part"))

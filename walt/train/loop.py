@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -200,6 +201,13 @@ def _train(cfg, make_task, dist, resume, stop_after):
     window_t, window_tokens = time.perf_counter(), 0
     it = iter(loader)
     step = start
+    stop_request = []
+    previous_handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_request.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            break
     try:
         while step < end:
             batch = next(it).to(device, non_blocking=True)
@@ -252,7 +260,16 @@ def _train(cfg, make_task, dist, resume, stop_after):
                     task.finish(model, ema, step, out)
                 save(step)
                 last_saved = step
+            # A scheduler's SIGTERM/SIGUSR1 (preemption) on any rank: checkpoint this step and stop.
+            requested = torch.tensor([1.0 if stop_request else 0.0], device=device)
+            if step < end and distributed.all_reduce_sum(requested).item() > 0:
+                save(step)
+                last_saved = step
+                log.warning("stop requested by signal: checkpoint at step %d written; continue with --resume", step)
+                break
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         bar.close()
         if metrics is not None:
             metrics.close()
