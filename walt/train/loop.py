@@ -139,6 +139,7 @@ def _train(cfg, make_task, dist, resume, stop_after):
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tc.lr,
         betas=tuple(tc.betas),
+        fused=device.type == "cuda" or None,  # one kernel per step on GPU
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
     start = 0
