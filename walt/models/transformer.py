@@ -68,7 +68,7 @@ class Attention(nn.Module):
 
     def forward(self, x, image_mode, backend):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(-3)  # views, unit stride on d
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # under autocast the norms may return fp32
         window, bias = self.window, self.rel_pos_bias
         if image_mode and window[0] > 1:
             # Per-frame windows: keep the table, use its temporal-offset-0 slice.
