@@ -176,3 +176,20 @@ def test_bad_input_is_one_clear_sentence():
         m(torch.zeros(1, 6, 8, 8, 8), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_backend"):
         _model(attention_backend="flash")(*_inputs())
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")
+def test_bf16_autocast_runs_and_stays_close():
+    m = _model()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(0.25)  # keep activations moderate so bf16 rounding stays small relative to them
+    x, t = _inputs()
+    ref = m(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, t, self_cond=x)
+        low = m(x, t)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+    assert (low.float() - ref).abs().amax() < 0.05 * ref.abs().amax()
