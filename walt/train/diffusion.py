@@ -25,19 +25,19 @@ class DiffusionTask:
             raise ValueError("the diffusion stage needs autoencoder_run: the output directory of a `walt-train autoencoder` run")
         self.cfg, self.dist = cfg, dist
         self.vae = load_autoencoder(cfg.autoencoder_run, dist.device)
-        ae, d, m = self.vae.cfg, cfg.data, cfg.model
-        grid = ((d.frames - 1) // ae.temporal_factor + 1, d.size // ae.spatial_factor, d.size // ae.spatial_factor)
-        limit = m.input_size if m.mode == "video" else (grid[0], *m.input_size[1:])
-        if any(g > lim for g, lim in zip(grid, limit)):
-            raise ValueError(
-                f"the autoencoder turns {d.frames}x{d.size}x{d.size} clips into {'x'.join(map(str, grid))} latents, "
-                f"larger than model.input_size {'x'.join(map(str, m.input_size))}; raise model.input_size or use smaller clips"
-            )
         self.diffusion = Diffusion(cfg.diffusion)
         self.model = WALT(cfg.model)
         clips = build_dataset(cfg.data)
-        self.image_mode = cfg.model.mode == "image"
-        self.dataset = FrameDataset(clips, clip_of(clips[0]).shape[0]) if self.image_mode else clips
+        T, _, H, W = clip_of(clips[0]).shape
+        ae, m = self.vae.cfg, cfg.model
+        self.image_mode = m.mode == "image"
+        grid = (1 if self.image_mode else (T - 1) // ae.temporal_factor + 1, H // ae.spatial_factor, W // ae.spatial_factor)
+        if any(g > lim for g, lim in zip(grid, (1 if self.image_mode else m.input_size[0], *m.input_size[1:]))):
+            raise ValueError(
+                f"the autoencoder turns {T}x{H}x{W} clips into {'x'.join(map(str, grid))} latents, larger than "
+                f"model.input_size {'x'.join(map(str, m.input_size))}; raise model.input_size or use smaller clips"
+            )
+        self.dataset = FrameDataset(clips, T) if self.image_mode else clips
         self.latent_shape = None
 
     @torch.no_grad()
