@@ -17,7 +17,7 @@ from walt.models.transformer import TransformerConfig
 @dataclass
 class DataConfig:
     kind: str = "moving_shapes"  # "moving_shapes" (synthetic), "world" (walt-data store), "tensor" (clips file), "factory"
-    num_clips: int = 1024  # moving_shapes only
+    num_clips: int = 1024  # moving_shapes: clips, frames per clip and frame size (other kinds bring their own)
     frames: int = 17
     size: int = 128
     path: str = ""  # world: the store's directory; tensor: a .safetensors/.pt file with "video" (N, T, 3, H, W)
