@@ -67,8 +67,8 @@ class Diffusion:
         if self.cfg.noise_backend == "fused":
             from walt.ops import add_noise  # imported late: only the fused path needs walt._C ops
 
-            ab = self.alphas_cumprod.to(device=x0.device, dtype=torch.float32)
-            return add_noise(x0, t, ab, seed=seed, keys=keys.to(x0.device), noise=noise, target="v")
+            ab = self.alphas_cumprod.to(x0.device)  # float64; the op casts it to x0's compute dtype
+            return add_noise(x0, t, ab, seed=seed % 2**64, keys=keys.to(x0.device), noise=noise, target="v")
         if noise is None:
             noise = per_sample_randn(x0.shape[1:], seed, keys, dtype=x0.dtype, device=x0.device)
         a, s = self._coeffs(t, x0)
