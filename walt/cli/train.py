@@ -37,7 +37,17 @@ def _count(cfg):
 @click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps of this invocation.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, stop_after, dry_run):
-    """Train a WALT stage on the configured data."""
+    """Train the causal VAE (STAGE autoencoder) or WALT (STAGE diffusion, the default).
+
+    \b
+    walt-train autoencoder --out runs/ae
+    walt-train diffusion --mode video --autoencoder runs/ae --out runs/vwalt
+    walt-train diffusion --mode image --autoencoder runs/ae --out runs/iwalt
+    walt-train --preset L --dry-run
+
+    Settings layer as defaults <- --preset <- --config files <- --set <- options. Runs write
+    config.yaml, metrics.jsonl, checkpoint.pt and, when done, model/ema.safetensors to --out.
+    """
     extra = {}
     if stage:
         extra["stage"] = stage
