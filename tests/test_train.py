@@ -1,0 +1,352 @@
+"""The trainers: overfitting, bit-exact resume, non-finite stop, image mode, config layering, CLI."""
+import json
+import os
+import re
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from backends import FUSED_BUILT, FUSED_NOISE_BUILT, one_thread  # noqa: F401  (one_thread: autouse)
+from walt.cli.train import main as cli
+from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
+from walt.diffusion import Diffusion, DiffusionConfig
+from walt.models import TRANSFORMER_PRESETS, WALT, CausalVAE, TransformerConfig
+from walt.train import checkpoint
+from walt.train.data import FrameDataset, StepBatches
+from walt.train.loop import NonFiniteLoss, lr_factor, train
+from walt.train.synthetic import MovingShapes
+
+TINY_AE = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, spatial_factor=4, temporal_factor=4, groups=8)
+
+
+def make_ae_run(out_dir):
+    """A tiny (untrained) autoencoder run directory, as `walt-train autoencoder` leaves one."""
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = merge(RunConfig(), {"stage": "autoencoder", "autoencoder": TINY_AE})
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    torch.manual_seed(0)
+    vae = CausalVAE(cfg.autoencoder)
+    vae.set_latent_stats(torch.zeros(8), torch.full((8,), 0.5))
+    checkpoint.export_safetensors(os.path.join(out_dir, "model.safetensors"), vae)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory):
+    return make_ae_run(tmp_path_factory.mktemp("ae"))
+
+
+def tiny_sets(out_dir, ae_run=None, steps=6, **extra):
+    sets = {
+        "out_dir": str(out_dir),
+        "model.depth": 2, "model.width": 32, "model.heads": 2,
+        "data.num_clips": 8, "data.frames": 5, "data.size": 16,
+        "train.steps": steps, "train.batch_size": 4, "train.ckpt_every": 3, "train.log_every": 1,
+        "train.num_samples": 2, "diffusion.sample_steps": 4, "ae_loss.stats_batches": 2,
+    }
+    if ae_run:
+        sets["autoencoder_run"] = ae_run
+    sets.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
+
+
+def run(stage, sets, resume=False, stop_after=None):
+    from walt.train import autoencoder, diffusion
+
+    cfg = resolve("cpu", sets=sets, extra={"stage": stage})
+    task = autoencoder.make_task if stage == "autoencoder" else diffusion.make_task
+    return train(cfg, task, resume=resume, stop_after=stop_after)
+
+
+def weights(out, name="model.safetensors"):
+    return load_file(os.path.join(out, name))
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_tiny_model_overfits_a_tiny_set():
+    torch.manual_seed(0)
+    model = WALT(TransformerConfig(**{**TRANSFORMER_PRESETS["cpu"], "depth": 2, "width": 64, "heads": 4}))
+    diffusion = Diffusion(DiffusionConfig())
+    x0 = torch.randn(2, 1, 4, 4, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    losses = []
+    for _ in range(60):  # the same two noisy examples every step
+        loss = diffusion.loss(model, x0, seed=0, keys=torch.arange(2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10
+
+
+@pytest.mark.parametrize("mode,backend", [("video", "reference"), ("image", "reference"), *(
+    [pytest.param("video", "fused", marks=pytest.mark.skipif(not (FUSED_BUILT and FUSED_NOISE_BUILT), reason="fused ops not built"))]
+)])
+def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode, backend):
+    over = {"model.mode": mode, "model.attention_backend": backend, "diffusion.noise_backend": backend}
+    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run, **over))
+    part = tiny_sets(tmp_path / "part", ae_run, **over)
+    run("diffusion", part, stop_after=4)  # interrupted after step 4 (checkpoint at 3 and at the stop)
+    assert not os.path.exists(tmp_path / "part" / "model.safetensors")
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a crash after logging step 5, before its checkpoint
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    run("diffusion", part, resume=True)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_bitwise_equal(weights(full, name), weights(tmp_path / "part", name))
+    a = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+    b = [json.loads(x) for x in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert (tmp_path / "full" / "samples" / "step_000006.png").exists()
+    assert (tmp_path / "full" / "samples" / "step_000006.mp4").exists() == (mode == "video")
+    saved = yaml.safe_load(open(tmp_path / "full" / "config.yaml"))
+    assert saved["model"]["mode"] == mode and saved["train"]["steps"] == 6
+    model, cfg = checkpoint.load_transformer(full)  # the feature-dump path: EMA weights by default
+    assert cfg.model.mode == mode
+    assert_bitwise_equal(model.state_dict(), weights(full, "ema.safetensors"))
+
+
+def test_autoencoder_stage_with_discriminator_resumes_bit_exactly(tmp_path):
+    extra = {"autoencoder.base_channels": 8, "autoencoder.groups": 8, "ae_loss.disc_weight": 0.1,
+             "ae_loss.disc_start": 1, "ae_loss.disc_channels": 8}
+    full = run("autoencoder", tiny_sets(tmp_path / "full", steps=4, **extra))
+    part = tiny_sets(tmp_path / "part", steps=4, **extra)
+    run("autoencoder", part, stop_after=2)
+    run("autoencoder", part, resume=True)
+    wa, wb = weights(full), weights(tmp_path / "part")
+    assert_bitwise_equal(wa, wb)
+    assert wa["latent_std"].min() > 0 and not torch.equal(wa["latent_std"], torch.ones(8))  # stats were computed
+    last = json.loads(open(tmp_path / "full" / "metrics.jsonl").readlines()[-1])
+    assert {"recon", "kl", "gen", "disc"} <= last.keys()
+    vae = checkpoint.load_autoencoder(full)  # loads back as the diffusion stage will
+    assert torch.equal(vae.latent_mean, wa["latent_mean"])
+    with pytest.raises(ValueError, match="expected a diffusion run"):
+        checkpoint.load_transformer(full)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ae_run, monkeypatch):
+    real = Diffusion.loss
+    calls = []
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        loss = real(self, *a, **k)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(Diffusion, "loss", flaky)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite \(nan\) at step 4.*checkpoint.pt \(step 3\)"):
+        run("diffusion", tiny_sets(tmp_path, ae_run))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not os.path.exists(tmp_path / "model.safetensors")
+
+
+def test_resume_refuses_a_changed_config_and_a_fresh_run_refuses_an_old_dir(tmp_path, ae_run):
+    sets = tiny_sets(tmp_path, ae_run, steps=3)
+    run("diffusion", sets, stop_after=1)
+    with pytest.raises(ValueError, match=r"differs from the saved run in \['model.width'\]"):
+        run("diffusion", sets + ["model.width=64"], resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run("diffusion", sets)
+    run("diffusion", sets + ["train.steps=4"], resume=True)  # a longer schedule is allowed
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_step_batches_are_a_function_of_the_step():
+    whole = StepBatches(10, 4, seed=1)
+    it = iter(whole)
+    batches = [next(it) for _ in range(5)]
+    assert sorted(batches[0] + batches[1] + batches[2][:2]) == list(range(10))  # an epoch is a permutation
+    resumed = iter(StepBatches(10, 4, seed=1, start=3))
+    assert next(resumed) == batches[3]
+    halves = [next(iter(StepBatches(10, 4, seed=1, start=2, rank=r, world=2))) for r in (0, 1)]
+    assert halves[0] + halves[1] == batches[2]
+    assert StepBatches(10, 4, 1, rank=1, world=2).keys(2).tolist() == [10, 11]
+    with pytest.raises(ValueError, match="divisible by the number of processes 3"):
+        StepBatches(10, 4, 1, world=3)
+
+
+def test_image_mode_samples_frames_independently():
+    frames = FrameDataset(MovingShapes(3, 5, 16), 5)
+    assert len(frames) == 15
+    assert torch.equal(frames[7]["video"][0], MovingShapes(3, 5, 16)[1]["video"][2])
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = resolve("XL", sets=["model.mode=image", "train.betas=[0.9,0.95]", "data.kwargs={max_shapes: 2}"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    from walt.config import from_yaml_file
+
+    assert from_yaml_file(tmp_path / "c.yaml") == cfg
+
+
+def test_config_layers_yaml_then_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: S\ntrain:\n  lr: 3e-4\n  steps: 7\nmodel:\n  mode: image\n")
+    cfg = resolve(yaml_files=[f], sets=["train.steps=9", "model.spatial_window=[1,4,4]"])
+    assert cfg.preset == "S" and cfg.model.width == 384 and cfg.data.size == 128
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 9 and cfg.model.mode == "image"
+    assert cfg.model.spatial_window == (1, 4, 4)
+    with pytest.raises(ConfigError, match="unknown config key 'train.stpes'"):
+        resolve(sets=["train.stpes=3"])
+    with pytest.raises(ConfigError, match="expects a int"):
+        resolve(sets=["train.steps=many"])
+    with pytest.raises(ConfigError, match="unknown preset 'M'"):
+        resolve("M")
+
+
+@pytest.mark.parametrize("preset,lo,hi", [("L", 290, 330), ("XL", 440, 480), ("G", 1800, 2000)])
+def test_cli_dry_run_reports_parameters(preset, lo, hi):
+    res = CliRunner().invoke(cli, ["--preset", preset, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    millions = float(re.search(r"WALT \(video\) [\d,]+ parameters \(([\d.]+)M\)", last).group(1))
+    assert lo < millions < hi
+    body = yaml.safe_load(res.output)
+    assert body["preset"] == preset and body["model"]["depth"] == TRANSFORMER_PRESETS[preset]["depth"]
+
+
+def test_cli_errors_are_one_sentence(tmp_path):
+    res = CliRunner().invoke(cli, ["diffusion", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "needs autoencoder_run" in res.output
+    res = CliRunner().invoke(cli, ["--set", "train.nope=1", "--dry-run"])
+    assert res.exit_code == 2 and "unknown config key 'train.nope'" in res.output
+    res = CliRunner().invoke(cli, ["diffusion", "--autoencoder", str(tmp_path), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 1 and "not a walt run directory" in res.output
+
+
+@pytest.mark.parametrize("path", sorted(p for p in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs")) if p.endswith(".yaml")))
+def test_shipped_configs_resolve(path):
+    cfg = resolve(yaml_files=[os.path.join(os.path.dirname(__file__), "..", "configs", path)])
+    assert cfg.train.steps > 0 and cfg.model.mode in ("video", "image")
+
+
+def test_cli_runs_both_stages_end_to_end(tmp_path):
+    def sets(name, **extra):
+        args = []
+        for s in tiny_sets(tmp_path / name, steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8, **extra}):
+            if not s.startswith("out_dir="):
+                args += ["--set", s]
+        return args + ["--out", str(tmp_path / name)]
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["autoencoder", *sets("ae")])
+    assert res.exit_code == 0, res.output
+    for mode in ("video", "image"):
+        args = ["diffusion", "--mode", mode, "--autoencoder", str(tmp_path / "ae"), *sets(mode)]
+        res = runner.invoke(cli, [*args, "--stop-after", "1"])
+        assert res.exit_code == 0 and not (tmp_path / mode / "model.safetensors").exists(), res.output
+        res = runner.invoke(cli, [*args, "--resume"])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / mode / "ema.safetensors").exists()
+        assert yaml.safe_load((tmp_path / mode / "config.yaml").read_text())["model"]["mode"] == mode
+
+
+def test_dataset_protocol_tensor_file_factory_and_tuples(tmp_path):
+    from safetensors.torch import save_file
+
+    from walt.config import DataConfig
+    from walt.train.data import build_dataset, clip_of, collate
+
+    clips = torch.rand(3, 5, 3, 16, 16) * 2 - 1
+    save_file({"video": clips}, str(tmp_path / "clips.safetensors"))
+    ds = build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "clips.safetensors")))
+    assert len(ds) == 3 and torch.equal(ds[1]["video"], clips[1])
+    ds = build_dataset(DataConfig(kind="factory", factory="walt.train.synthetic:MovingShapes", kwargs={"num_clips": 2, "frames": 5, "size": 16}))
+    assert len(ds) == 2 and ds[0]["video"].shape == (5, 3, 16, 16)
+    tuples = torch.utils.data.TensorDataset(clips)
+    assert collate([tuples[0], tuples[2]]).shape == (2, 5, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"clip \(T, 3, H, W\).*got \(5, 16, 16, 3\)"):
+        clip_of({"video": torch.zeros(5, 16, 16, 3)})
+    with pytest.raises(ValueError, match="module:callable"):
+        build_dataset(DataConfig(kind="factory", factory="nocolon"))
+    save_file({"video": clips[0]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"must be \(N, T, 3, H, W\)"):
+        build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "bad.safetensors")))
+
+
+def test_gradient_accumulation_matches_one_big_step(tmp_path, ae_run):
+    one = run("diffusion", tiny_sets(tmp_path / "one", ae_run, steps=3))
+    two = run("diffusion", tiny_sets(tmp_path / "two", ae_run, steps=3, **{"train.grad_accum": 2}))
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+    with pytest.raises(ValueError, match="divisible by processes x train.grad_accum"):
+        run("diffusion", tiny_sets(tmp_path / "three", ae_run, steps=3, **{"train.grad_accum": 3}))
+
+
+@pytest.mark.slow
+def test_cpu_preset_demo_runs_all_stages(tmp_path):
+    """The documented demo, as shipped: 40 steps of each stage on the cpu preset."""
+    runner = CliRunner()
+    res = runner.invoke(cli, ["autoencoder", "--out", str(tmp_path / "ae")])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in open(tmp_path / "ae" / "metrics.jsonl")]
+    assert recs[-1]["step"] == 40 and recs[-1]["recon"] < recs[0]["recon"]
+    for mode in ("video", "image"):
+        res = runner.invoke(cli, ["diffusion", "--mode", mode, "--autoencoder", str(tmp_path / "ae"), "--out", str(tmp_path / mode)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / mode / "samples" / "step_000040.png").exists()
+        assert (tmp_path / mode / "ema.safetensors").exists()
+
+
+def test_diffusion_run_records_its_autoencoder_and_checks_the_latent_grid(tmp_path, ae_run):
+    out = run("diffusion", tiny_sets(tmp_path / "a", ae_run, steps=1))
+    saved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert saved["autoencoder"]["base_channels"] == TINY_AE["base_channels"]  # the run's, not the preset's 16
+    with pytest.raises(ValueError, match=r"into 2x8x8 latents, larger than model.input_size 5x4x4"):
+        run("diffusion", tiny_sets(tmp_path / "b", ae_run, steps=1, **{"data.size": 32, "model.input_size": [5, 4, 4]}))
+
+
+def test_autoencoder_trains_on_a_procedural_world_store(tmp_path):
+    data = pytest.importorskip("walt.data", reason="walt.data not available")
+    data.generate(str(tmp_path / "world"), data.WorldConfig(frames=5, height=16, width=16, track_points=4, textures="procedural"),
+                  {"train": 2}, shard_size=2, workers=1, progress=False)
+    sets = tiny_sets(tmp_path / "ae", steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8,
+                                                   "data.kind": "world", "data.path": str(tmp_path / "world"),
+                                                   "data.kwargs": {"split": "train"}})
+    out = run("autoencoder", sets)
+    assert weights(out)["latent_std"].min() > 0
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_is_bit_exact(tmp_path, ae_run, monkeypatch):
+    import signal
+
+    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run))
+    real, calls = Diffusion.loss, []
+
+    def preempted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # during the 4th step (one loss call per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Diffusion, "loss", preempted)
+    part = tiny_sets(tmp_path / "part", ae_run)
+    before = signal.getsignal(signal.SIGTERM)
+    run("diffusion", part)  # the step finishes, is checkpointed, and the run stops
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not os.path.exists(tmp_path / "part" / "model.safetensors")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    monkeypatch.setattr(Diffusion, "loss", real)
+    run("diffusion", part, resume=True)
+    assert_bitwise_equal(weights(full), weights(tmp_path / "part"))

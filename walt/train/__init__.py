@@ -1,0 +1,1 @@
+"""Training: the shared loop, the autoencoder and diffusion stages, checkpoints, DDP, data protocol."""

@@ -1,0 +1,291 @@
+"""The training loop shared by both stages.
+
+A stage supplies a task: the model to train, its dataset and its loss (plus optional extra
+state such as a discriminator, and work to do when training ends). The loop owns everything
+else: devices and DDP, AdamW with warmup + cosine, clipping, EMA, autocast, checkpoints and
+resume, metrics and progress.
+
+Everything random in a step is seeded from (seed, step, rank) and the data order is a function
+of the step, so `--resume` continues bit-exactly and the RNG states in the checkpoint are kept
+for completeness rather than needed.
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from walt.config import RESUMABLE_CHANGES, diff, to_dict, to_yaml
+from walt.diffusion.objective import mix_seed
+from walt.train import checkpoint as ckpt
+from walt.train import distributed
+from walt.train.data import StepBatches, collate
+
+log = logging.getLogger("walt.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def lr_factor(step, warmup, total, min_ratio):
+    """Linear warmup to 1, then cosine to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _lr_lambda(tc):
+    # A plain function: LambdaLR then stores only its step, keeping checkpoints pickle-free.
+    def factor(step):
+        return lr_factor(step, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+
+    return factor
+
+
+def _setup_logging(out_dir, main):
+    root = logging.getLogger("walt")
+    root.setLevel(logging.INFO if main else logging.WARNING)
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    root.addHandler(stream)
+    if main:
+        fh = logging.FileHandler(os.path.join(out_dir, "train.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def _stop(stage, what, value, step, ckpt_path, last_saved):
+    where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written yet"
+    raise NonFiniteLoss(
+        f"the {stage} {what} became non-finite ({value.item()}) at step {step}; stopping. "
+        f"The last good checkpoint is {where}; lower train.lr or check the data before resuming."
+    )
+
+
+def train(cfg, make_task, resume=False, stop_after=None):
+    """Run (or continue) the training described by `cfg`; returns the output directory.
+
+    make_task(cfg, dist) -> task. stop_after ends this invocation after that many steps with a
+    checkpoint (for time-sliced jobs); `resume` continues from <out_dir>/checkpoint.pt.
+    """
+    if cfg.stage == "diffusion" and cfg.autoencoder_run:
+        # Record the autoencoder actually used, not the preset's, in the run's config.
+        cfg = dataclasses.replace(cfg, autoencoder=ckpt.autoencoder_config(cfg.autoencoder_run))
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, make_task, dist, resume, stop_after)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg, make_task, dist, resume, stop_after):
+    tc = cfg.train
+    out = cfg.out_dir
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    cfg_path = os.path.join(out, "config.yaml")
+    # Every rank checks (read-only), so a refusal cannot leave the others waiting at a barrier.
+    if resume and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            changed = [k for k in diff(yaml.safe_load(f), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise ValueError(f"cannot resume {out}: the config differs from the saved run in {changed}")
+    elif not resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        with open(cfg_path, "w") as f:
+            f.write(to_yaml(cfg))
+    distributed.barrier()
+    _setup_logging(out, dist.main)
+    device = dist.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
+
+    torch.manual_seed(tc.seed)  # same initial weights on every rank
+    task = make_task(cfg, dist)
+    model = task.model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if tc.ema_decay > 0 else None
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    if tc.compile:
+        train_model = torch.compile(train_model)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=tuple(tc.betas),
+        fused=device.type == "cuda" or None,  # one kernel per step on GPU
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
+    start = 0
+    if resume:
+        state = ckpt.load(ckpt_path)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        task.load_extra_state(state["extra"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["step"]
+        log.info("resumed %s at step %d", out, start)
+
+    def save(step):
+        if dist.main:
+            ckpt.save(ckpt_path, {
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else {},
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "extra": task.extra_state(),
+                "rng": ckpt.rng_state(),
+                "config": to_yaml(cfg),
+            })
+        distributed.barrier()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s stage: %.2fM parameters, %d steps, global batch %d on %d x %s", cfg.stage, n_params / 1e6, tc.steps,
+             tc.batch_size, dist.world, device)
+    if tc.grad_accum < 1 or tc.batch_size % (dist.world * tc.grad_accum):
+        raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by processes x train.grad_accum "
+                         f"({dist.world} x {tc.grad_accum})")
+    sampler = StepBatches(len(task.dataset), tc.batch_size, tc.seed, start, dist.rank, dist.world)
+    loader = torch.utils.data.DataLoader(
+        task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+    )
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if dist.main and os.path.exists(metrics_path):
+        # Drop records of steps after the checkpoint (a crash between checkpoints): they are redone.
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+    metrics = open(metrics_path, "a") if dist.main else None
+    tb = None
+    if tc.tensorboard and dist.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(os.path.join(out, "tb"))
+        except ImportError:
+            log.warning("train.tensorboard is set but tensorboard is not installed; logging to metrics.jsonl only")
+    bar = tqdm(total=end - start, desc=cfg.stage, disable=not (dist.main and sys.stderr.isatty()), dynamic_ncols=True)
+    last_saved = start if resume else None
+    window_t, window_tokens = time.perf_counter(), 0
+    it = iter(loader)
+    step = start
+    stop_request = []
+    previous_handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_request.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            break
+    try:
+        while step < end:
+            batch = next(it).to(device, non_blocking=True)
+            keys = sampler.keys(step)
+            torch.manual_seed(mix_seed(tc.seed, step, dist.rank))
+            opt.zero_grad(set_to_none=True)
+            # Gradient accumulation: equal micro-batches of this rank's share, gradients synced
+            # on the last; the same examples and draws as one big step, so only memory changes.
+            loss = 0.0
+            for i, (micro, micro_keys) in enumerate(zip(batch.chunk(tc.grad_accum), keys.chunk(tc.grad_accum))):
+                sync = not dist.enabled or i == tc.grad_accum - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast:
+                        micro_loss, logs = task.loss(train_model, micro, step, micro_keys)
+                    flag = torch.tensor([0.0 if torch.isfinite(micro_loss.detach()) else 1.0], device=device)
+                    if distributed.all_reduce_sum(flag).item() > 0:
+                        _stop(cfg.stage, "loss", micro_loss, step, ckpt_path, last_saved)
+                    (micro_loss / tc.grad_accum).backward()
+                loss = loss + micro_loss.detach() / tc.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
+                _stop(cfg.stage, "gradient norm", grad_norm, step, ckpt_path, last_saved)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
+            logs.update(task.after_step(batch, step) or {})
+            step += 1
+            bar.update(1)
+            window_tokens += task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
+            if step % tc.log_every == 0 or step == end:
+                mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / dist.world
+                dt = time.perf_counter() - window_t
+                rec = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "tokens_per_s": window_tokens / dt, **{k: float(v) for k, v in logs.items()}}
+                window_t, window_tokens = time.perf_counter(), 0
+                if dist.main:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    if tb is not None:
+                        for k, v in rec.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    log.info("step %d loss %.5f lr %.2e grad %.3f", step, mean_loss, rec["lr"], rec["grad_norm"])
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                task.sample(ema if ema is not None else model, step, out)
+            if step % tc.ckpt_every == 0 or step == end:
+                if step == tc.steps:
+                    task.finish(model, ema, step, out)
+                save(step)
+                last_saved = step
+            # A scheduler's SIGTERM/SIGUSR1 (preemption) on any rank: checkpoint this step and stop.
+            requested = torch.tensor([1.0 if stop_request else 0.0], device=device)
+            if step < end and distributed.all_reduce_sum(requested).item() > 0:
+                save(step)
+                last_saved = step
+                log.warning("stop requested by signal: checkpoint at step %d written; continue with --resume", step)
+                break
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        if tb is not None:
+            tb.close()
+    if step == tc.steps:
+        if start == tc.steps:  # resumed a finished run: nothing to do but re-export
+            log.info("%s is already trained to step %d", out, step)
+        if dist.main:
+            meta = {"config": to_yaml(cfg), "step": str(step)}
+            ckpt.export_safetensors(os.path.join(out, "model.safetensors"), model, meta)
+            if ema is not None:
+                ckpt.export_safetensors(os.path.join(out, "ema.safetensors"), ema, meta)
+            log.info("exported weights to %s", out)
+        distributed.barrier()
+    else:
+        log.info("stopped at step %d of %d; continue with --resume", step, tc.steps)
+    return out
