@@ -2,3 +2,4 @@
 
 `reference` holds the pure-PyTorch oracles that define what each op computes.
 """
+from walt.ops.window_attention import window_attention  # noqa: E402,F401
