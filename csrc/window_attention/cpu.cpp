@@ -36,8 +36,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
-// MKL only; absent with other BLAS builds (then the weak reference is null).
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C (by-value) entry point
 }
 
 namespace walt::attn {
@@ -54,19 +52,6 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha
   const int m_ = int(m), n_ = int(n), k_ = int(k), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
   dgemm_(&ta, &tb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
 }
-
-// The tasks run inside a parallel region, where MKL is sequential by itself; when the region
-// runs inline (one thread, or one task) keep MKL sequential too, so a GEMM's summation order
-// never depends on the thread count.
-struct SequentialBlas {
-  int prev = 0;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -106,30 +91,52 @@ inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64
     }
 }
 
+// dst row i = src row i * mul, converted to acc_t. Multiplying by the softmax scale here keeps
+// alpha = 1 in the GEMMs, which spares the BLAS a separate scaling pass.
 template <typename scalar_t, typename acc_t>
 inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
-                   int64_t d) {
+                   int64_t d, acc_t mul = acc_t(1)) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     const scalar_t* x = src + off;
     acc_t* y = dst + i * d;
-    for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]);
+    if (mul == acc_t(1)) {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]);
+    } else {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]) * mul;
+    }
   });
 }
 
-// dst row i = src row i * row_scale[i] (row_scale may be null), converted to scalar_t.
+// dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
 template <typename scalar_t, typename acc_t>
-inline void scatter(scalar_t* dst, const acc_t* src, const acc_t* row_scale, const WindowExtent& e, const Strides& s,
-                    int64_t b, int64_t head, int64_t d) {
+inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
+                    int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     scalar_t* y = dst + off;
     const acc_t* x = src + i * d;
-    if (row_scale) {
-      const acc_t r = row_scale[i];
-      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<scalar_t>(x[a] * r);
-    } else {
+    const acc_t r = row_scale ? row_scale[i] * mul : mul;
+    if (r == acc_t(1)) {
       for (int64_t a = 0; a < d; ++a) y[a] = static_cast<scalar_t>(x[a]);
+    } else {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<scalar_t>(x[a] * r);
     }
   });
+}
+
+// Element offset of the window's local token i (batch b, head `head`) in a tensor with strides s.
+inline int64_t token_offset(const WindowExtent& e, const Strides& s, int64_t b, int64_t head, int64_t i) {
+  const Coord3 p = global_coords(e, local_coords(e, i));
+  return b * s.b + p.t * s.t + p.h * s.h + p.w * s.w + head * s.head;
+}
+
+// Asks for the cache lines of one token's d-vector ahead of use. The rows of a window are
+// scattered through q, k, v (a fused qkv tensor strides them kilobytes apart), so the hardware
+// prefetcher does not see them coming; issuing them during the previous task's softmax hides
+// the memory latency behind arithmetic.
+template <int rw, typename T>
+inline void prefetch_row(const T* p, int64_t d) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t byte = 0; byte < d * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(c + byte, rw, 3);
 }
 
 // Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
@@ -181,18 +188,23 @@ struct RowsD {
 template <typename acc_t>
 using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
 
-// Runs body(worker scratch, task) for every task in [0, ntasks); workers pull tasks from a
-// shared counter so partial windows do not unbalance the threads. Which thread runs a task
-// does not change its result.
+// Runs body(worker scratch, task, following) for every task in [0, ntasks); workers pull tasks
+// from a shared counter so partial windows do not unbalance the threads, claiming each task one
+// step ahead so the body can prefetch the `following` task's rows (-1: none). Which thread runs
+// a task does not change its result. The region always opens with every thread, even for fewer
+// tasks: inside a parallel region the BLAS runs sequentially, so a GEMM's summation order
+// never depends on the thread count (with one thread, torch keeps MKL at one thread too).
 template <typename MakeScratch, typename Body>
 void run_tasks(int64_t ntasks, MakeScratch&& make_scratch, Body&& body) {
   if (ntasks == 0) return;
-  SequentialBlas sequential;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
-    for (int64_t task = next++; task < ntasks; task = next++) body(scratch, task);
+    for (int64_t task = next++; task < ntasks;) {
+      const int64_t following = next++;
+      body(scratch, task, following < ntasks ? following : -1);
+      task = following;
+    }
   });
 }
 
@@ -209,20 +221,38 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  struct Task {
+    int64_t b, head;
+    WindowExtent e;
+  };
+  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
+  auto decode = [&](int64_t task) {
+    if (task < 0) return Task{0, 0, WindowExtent{}};
+    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+  };
 
   run_tasks(
       B * nwin * heads, [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task) {
-        const int64_t head = task % heads, win = (task / heads) % nwin, b = task / (heads * nwin);
-        const WindowExtent e = window_extent(g, win);
-        const int64_t n = e.n;
+      [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
+        const Task t = decode(task), f = decode(following);
+        const int64_t b = t.b, head = t.head, n = t.e.n;
+        const WindowExtent& e = t.e;
+        // Row i of the softmax prefetches token i of the following task and this task's
+        // output row i; any following tokens beyond n are prefetched after the loop.
+        auto prefetch = [&](int64_t i) {
+          if (i < n) prefetch_row<1>(op + token_offset(e, so, b, head, i), d);
+          if (following < 0 || i >= f.e.n) return;
+          prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, i), d);
+          prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, i), d);
+          prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, i), d);
+        };
         acc_t *Q = buf[0], *K = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
-        gather(Q, qp, e, sq, b, head, d);
+        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
         gather(K, kp, e, sk, b, head, d);
         gather(V, vp, e, sv, b, head, d);
-        // S (row-major n x n) = scale Q K^T, i.e. column-major S^T = K Q^T.
-        gemm('T', 'N', n, n, d, scale, K, d, Q, d, acc_t(0), S, n);
+        // S (row-major n x n) = (scale Q) K^T, i.e. column-major S^T = K (scale Q)^T.
+        gemm('T', 'N', n, n, d, acc_t(1), K, d, Q, d, acc_t(0), S, n);
         if (bp) {
           const acc_t* tb = bp + head * table;
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
@@ -232,15 +262,17 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Whole-row softmax, left unnormalised: the 1/sum goes onto the d outputs of the row
         // instead of the n probabilities.
         for (int64_t i = 0; i < n; ++i) {
+          prefetch(i);
           acc_t* row = S + i * n;
           const acc_t m = rows.max(row, n);
           const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
           inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
           row_lse[i] = m + std::log(sum);
         }
+        for (int64_t i = n; following >= 0 && i < f.e.n; ++i) prefetch(i);
         // O (row-major n x d) = P V, i.e. column-major O^T = V^T P^T.
         gemm('N', 'N', d, n, n, acc_t(1), V, d, S, n, acc_t(0), O, d);
-        scatter(op, O, inv, e, so, b, head, d);
+        scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
       });
 }
@@ -261,16 +293,40 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  struct Task {
+    int64_t b, head;
+    WindowExtent e;
+  };
+  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
+  auto decode = [&](int64_t task) {
+    if (task < 0) return Task{0, 0, WindowExtent{}};
+    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+  };
 
   run_tasks(
       B * nwin * heads, [&] { return Scratch<acc_t>(10, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task) {
-        const int64_t head = task % heads, win = (task / heads) % nwin, b = task / (heads * nwin);
-        const WindowExtent e = window_extent(g, win);
-        const int64_t n = e.n;
+      [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
+        const Task t = decode(task), f = decode(following);
+        const int64_t b = t.b, head = t.head, n = t.e.n;
+        const WindowExtent& e = t.e;
+        // As in the forward: row i of the two row loops prefetches token i of the following
+        // task's inputs and this task's gradient rows.
+        auto prefetch_inputs = [&](int64_t i) {
+          if (following < 0 || i >= f.e.n) return;
+          prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, i), d);
+          prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, i), d);
+          prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, i), d);
+          prefetch_row<0>(dop + token_offset(f.e, sdo, f.b, f.head, i), d);
+          prefetch_row<0>(op + token_offset(f.e, so, f.b, f.head, i), d);
+        };
+        auto prefetch_outputs = [&](int64_t i) {
+          prefetch_row<1>(dqp + token_offset(e, sdq, b, head, i), d);
+          prefetch_row<1>(dkp + token_offset(e, sdk, b, head, i), d);
+          prefetch_row<1>(dvp + token_offset(e, sdv, b, head, i), d);
+        };
         acc_t *Q = buf[0], *K = buf[1], *V = buf[2], *dO = buf[3], *P = buf[4], *dP = buf[5];
         acc_t *dQ = buf[6], *dK = buf[7], *dV = buf[8], *stat = buf[9];  // stat: lse, then delta
-        gather(Q, qp, e, sq, b, head, d);
+        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
         gather(K, kp, e, sk, b, head, d);
         gather(V, vp, e, sv, b, head, d);
         gather(dO, dop, e, sdo, b, head, d);
@@ -280,7 +336,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
         // Recompute P = exp(scale Q K^T + bias - lse) from the saved row statistics.
-        gemm('T', 'N', n, n, d, scale, K, d, Q, d, acc_t(0), P, n);
+        gemm('T', 'N', n, n, d, acc_t(1), K, d, Q, d, acc_t(0), P, n);
         if (bp) {
           const acc_t* tb = bp + head * table;
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
@@ -288,6 +344,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           });
         }
         for (int64_t i = 0; i < n; ++i) {
+          prefetch_inputs(i);
           if (stat[i] == -inf) {  // fully masked row: P = 0
             std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
           } else {
@@ -299,19 +356,24 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         // dP = dO V^T: column-major dP^T = V dO^T.
         gemm('T', 'N', n, n, d, acc_t(1), V, d, dO, d, acc_t(0), dP, n);
         // dS = P o (dP - delta), in place of P.
-        for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+        for (int64_t i = 0; i < n; ++i) {
+          prefetch_outputs(i);
+          rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+        }
+        for (int64_t i = n; following >= 0 && i < f.e.n; ++i) prefetch_inputs(i);
         if (pp) {
           acc_t* tb = pp + task * table;  // this task's own partial table
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
             for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
           });
         }
-        // dQ = scale dS K: column-major dQ^T = K^T dS^T.  dK = scale dS^T Q: dK^T = Q^T dS.
-        gemm('N', 'N', d, n, n, scale, K, d, P, n, acc_t(0), dQ, d);
-        gemm('N', 'T', d, n, n, scale, Q, d, P, n, acc_t(0), dK, d);
-        scatter(dqp, dQ, static_cast<const acc_t*>(nullptr), e, sdq, b, head, d);
-        scatter(dkp, dK, static_cast<const acc_t*>(nullptr), e, sdk, b, head, d);
-        scatter(dvp, dV, static_cast<const acc_t*>(nullptr), e, sdv, b, head, d);
+        // dQ = scale dS K: column-major dQ^T = K^T dS^T, scaled on the way out.
+        // dK = scale dS^T Q = dS^T (scale Q): column-major dK^T = (scale Q)^T dS.
+        gemm('N', 'N', d, n, n, acc_t(1), K, d, P, n, acc_t(0), dQ, d);
+        gemm('N', 'T', d, n, n, acc_t(1), Q, d, P, n, acc_t(0), dK, d);
+        scatter(dqp, dQ, e, sdq, b, head, d, scale);
+        scatter(dkp, dK, e, sdk, b, head, d);
+        scatter(dvp, dV, e, sdv, b, head, d);
       });
 }
 

@@ -1,6 +1,6 @@
 // See rows.h. The exp is Cephes' expf scheme: n = round(x log2 e), r = x - n ln 2 (split in two
-// constants for precision), exp(r) by a degree-6 polynomial (~1 ulp on [-ln2/2, ln2/2]), times
-// 2^n built in the exponent bits. Inputs are logits minus their row max (<= 0), so the upper
+// constants for precision), exp(r) by a degree-7 polynomial, 1 + r + r^2 P(r) (~1 ulp on
+// [-ln2/2, ln2/2]), times 2^n (scalef on AVX-512, exponent bits on AVX2). Inputs are logits minus their row max (<= 0), so the upper
 // clamp never binds in practice; below -87.3 the true value is subnormal and we return 0, which
 // also maps -inf (masked logits) to exactly 0. NaN stays NaN.
 #include "rows.h"
@@ -64,9 +64,9 @@ float dot_base(const float* a, const float* b, int64_t n) {
 #define WALT_AVX512 __attribute__((target("avx512f")))
 
 WALT_AVX512 inline __m512 exp16(__m512 x) {
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
-  // Operand order keeps NaN: min/max return the second operand when either is NaN.
-  x = _mm512_max_ps(_mm512_set1_ps(kExpLo), _mm512_min_ps(_mm512_set1_ps(kExpHi), x));
+  // scalef applies 2^n without building exponent bits, so no clamping is needed; below
+  // kExpLo (and for -inf, where r would be NaN) the result is forced to 0.
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
@@ -76,9 +76,9 @@ WALT_AVX512 inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-  const __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), y, _mm512_castsi512_ps(e));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 WALT_AVX512 inline __mmask16 tail16(int64_t left) {
