@@ -194,11 +194,19 @@ using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
 // a task does not change its result. The region always opens with every thread, even for fewer
 // tasks: inside a parallel region the BLAS runs sequentially, so a GEMM's summation order
 // never depends on the thread count (with one thread, torch keeps MKL at one thread too).
+//
+// Calls with little work (flops below kInlineFlops, tens of microseconds) run on the calling
+// thread: waking a second thread costs more than it saves, and on a loaded machine a region's
+// barrier can wait for a descheduled thread for a whole scheduler slice. Their GEMMs are far
+// too small for the BLAS to thread, so the result is the same either way.
+constexpr double kInlineFlops = 4e6;
+
 template <typename MakeScratch, typename Body>
-void run_tasks(int64_t ntasks, MakeScratch&& make_scratch, Body&& body) {
+void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& body) {
   if (ntasks == 0) return;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  const int64_t workers = flops < kInlineFlops ? 1 : at::get_num_threads();
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
     for (int64_t task = next++; task < ntasks;) {
       const int64_t following = next++;
@@ -232,7 +240,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   };
 
   run_tasks(
-      B * nwin * heads, [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d)); },
+      B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
+      [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d)); },
       [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
         const Task t = decode(task), f = decode(following);
         const int64_t b = t.b, head = t.head, n = t.e.n;
@@ -304,7 +313,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   };
 
   run_tasks(
-      B * nwin * heads, [&] { return Scratch<acc_t>(10, std::max(nmax * nmax, nmax * d)); },
+      B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
+      [&] { return Scratch<acc_t>(10, std::max(nmax * nmax, nmax * d)); },
       [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
         const Task t = decode(task), f = decode(following);
         const int64_t b = t.b, head = t.head, n = t.e.n;

@@ -104,6 +104,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, rel_pos_bias = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:  # e.g. expanded from a sum(); the kernel reads d-vectors in place
+        grad_out = grad_out.contiguous()
     dq, dk, dv, dbias = torch.ops.walt.window_attention_backward(
         grad_out, q, k, v, out, lse, ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad
     )
