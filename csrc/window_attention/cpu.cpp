@@ -11,8 +11,10 @@
 // so results are bitwise identical across runs and thread counts. The bias gradient is summed
 // from per-task partial tables in a fixed order.
 //
-// GEMMs go to the BLAS PyTorch links (MKL here) through the Fortran interface, which is
-// column-major: a row-major (r x c) buffer with leading dimension c is its transpose there.
+// Every product is written as row-major C = A B, with the gathers laying out each operand
+// (or its transpose) the way the product reads it. On AVX-512 CPUs float32 products run on the
+// kernel's own GEMM (gemm_avx512.cpp); otherwise, and for float64, they go to the BLAS PyTorch
+// links (MKL here) through its Fortran interface.
 #include "kernel.h"
 
 #include <ATen/ATen.h>
@@ -41,16 +43,21 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace walt::attn {
 namespace {
 
-// C (column-major m x n) = alpha op(A) op(B) + beta C.
-inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const int m_ = int(m), n_ = int(n), k_ = int(k), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
-  sgemm_(&ta, &tb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+// Row-major C (m x N) = A (m x K) B (K x N). In the BLAS's column-major terms that is
+// C^T = B^T A^T, with each row-major buffer already being its own transpose there.
+inline void mm(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc) {
+  static const auto custom = row_ops().gemm;
+  if (custom) return custom(m, N, K, A, lda, B, ldb, C, ldc);
+  const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
+  const float one = 1, zero = 0;
+  sgemm_("N", "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
 }
-inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  const int m_ = int(m), n_ = int(n), k_ = int(k), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
-  dgemm_(&ta, &tb, &m_, &n_, &k_, &alpha, a, &lda_, b, &ldb_, &beta, c, &ldc_);
+inline void mm(int64_t m, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+               int64_t ldc) {
+  const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
+  const double one = 1, zero = 0;
+  dgemm_("N", "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
 }
 
 struct FreeDeleter {
@@ -91,8 +98,8 @@ inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64
     }
 }
 
-// dst row i = src row i * mul, converted to acc_t. Multiplying by the softmax scale here keeps
-// alpha = 1 in the GEMMs, which spares the BLAS a separate scaling pass.
+// dst row i = src row i * mul, converted to acc_t (n x d, row-major). Multiplying by the softmax
+// scale here keeps it out of the products.
 template <typename scalar_t, typename acc_t>
 inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
                    int64_t d, acc_t mul = acc_t(1)) {
@@ -105,6 +112,17 @@ inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const
       for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]) * mul;
     }
   });
+}
+
+// dst (cols x rows) = src (rows x cols)^T, both row-major, in blocks of 16 rows so that each
+// output line is written whole while the 16 source rows sit in L1.
+template <typename acc_t>
+inline void transpose(acc_t* dst, const acc_t* src, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i * cols + a];
+  }
 }
 
 // dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
@@ -255,13 +273,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, i), d);
           prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, i), d);
         };
-        acc_t *Q = buf[0], *K = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
+        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
         gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
-        gather(K, kp, e, sk, b, head, d);
+        gather(O, kp, e, sk, b, head, d);         // K, row-major, in O's buffer until PV
+        transpose(Kt, O, n, d);
         gather(V, vp, e, sv, b, head, d);
-        // S (row-major n x n) = (scale Q) K^T, i.e. column-major S^T = K (scale Q)^T.
-        gemm('T', 'N', n, n, d, acc_t(1), K, d, Q, d, acc_t(0), S, n);
+        mm(n, n, d, Q, d, Kt, n, S, n);  // S = (scale Q) K^T
         if (bp) {
           const acc_t* tb = bp + head * table;
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
@@ -279,8 +297,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           row_lse[i] = m + std::log(sum);
         }
         for (int64_t i = n; following >= 0 && i < f.e.n; ++i) prefetch(i);
-        // O (row-major n x d) = P V, i.e. column-major O^T = V^T P^T.
-        gemm('N', 'N', d, n, n, acc_t(1), V, d, S, n, acc_t(0), O, d);
+        mm(n, d, n, S, n, V, d, O, d);  // O = P V
         scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
       });
@@ -314,7 +331,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
   run_tasks(
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(10, std::max(nmax * nmax, nmax * d)); },
+      [&] { return Scratch<acc_t>(13, std::max(nmax * nmax, nmax * d)); },
       [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
         const Task t = decode(task), f = decode(following);
         const int64_t b = t.b, head = t.head, n = t.e.n;
@@ -334,19 +351,24 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           prefetch_row<1>(dkp + token_offset(e, sdk, b, head, i), d);
           prefetch_row<1>(dvp + token_offset(e, sdv, b, head, i), d);
         };
-        acc_t *Q = buf[0], *K = buf[1], *V = buf[2], *dO = buf[3], *P = buf[4], *dP = buf[5];
-        acc_t *dQ = buf[6], *dK = buf[7], *dV = buf[8], *stat = buf[9];  // stat: lse, then delta
-        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
+        acc_t *Q = buf[0], *Qt = buf[1], *K = buf[2], *Kt = buf[3], *Vt = buf[4], *dO = buf[5], *dOt = buf[6];
+        acc_t *P = buf[7], *dP = buf[8], *dQ = buf[9], *dKt = buf[10], *dVt = buf[11], *stat = buf[12];
+        // Q and Qt hold scale * q; stat holds lse, then delta.
+        gather(Q, qp, e, sq, b, head, d, scale);
+        transpose(Qt, Q, n, d);
         gather(K, kp, e, sk, b, head, d);
-        gather(V, vp, e, sv, b, head, d);
+        transpose(Kt, K, n, d);
+        gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
+        transpose(Vt, dQ, n, d);
         gather(dO, dop, e, sdo, b, head, d);
+        transpose(dOt, dO, n, d);
         // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
         gather(dQ, op, e, so, b, head, d);
         acc_t* delta = stat + nmax;
         for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
         // Recompute P = exp(scale Q K^T + bias - lse) from the saved row statistics.
-        gemm('T', 'N', n, n, d, acc_t(1), K, d, Q, d, acc_t(0), P, n);
+        mm(n, n, d, Q, d, Kt, n, P, n);
         if (bp) {
           const acc_t* tb = bp + head * table;
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
@@ -361,10 +383,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             rows.exp(P + i * n, n, stat[i]);
           }
         }
-        // dV = P^T dO: column-major dV^T = dO^T P.
-        gemm('N', 'T', d, n, n, acc_t(1), dO, d, P, n, acc_t(0), dV, d);
-        // dP = dO V^T: column-major dP^T = V dO^T.
-        gemm('T', 'N', n, n, d, acc_t(1), V, d, dO, d, acc_t(0), dP, n);
+        mm(d, n, n, dOt, n, P, n, dVt, n);  // dV^T = dO^T P
+        mm(n, n, d, dO, d, Vt, n, dP, n);   // dP = dO V^T
         // dS = P o (dP - delta), in place of P.
         for (int64_t i = 0; i < n; ++i) {
           prefetch_outputs(i);
@@ -377,13 +397,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
           });
         }
-        // dQ = scale dS K: column-major dQ^T = K^T dS^T, scaled on the way out.
-        // dK = scale dS^T Q = dS^T (scale Q): column-major dK^T = (scale Q)^T dS.
-        gemm('N', 'N', d, n, n, acc_t(1), K, d, P, n, acc_t(0), dQ, d);
-        gemm('N', 'T', d, n, n, acc_t(1), Q, d, P, n, acc_t(0), dK, d);
+        mm(n, d, n, P, n, K, d, dQ, d);     // dQ = dS K, times scale on the way out
+        mm(d, n, n, Qt, n, P, n, dKt, n);   // dK^T = (scale Q)^T dS
         scatter(dqp, dQ, e, sdq, b, head, d, scale);
-        scatter(dkp, dK, e, sdk, b, head, d);
-        scatter(dvp, dV, e, sdv, b, head, d);
+        transpose(dQ, dKt, d, n);  // dQ's buffer is free again
+        scatter(dkp, dQ, e, sdk, b, head, d);
+        transpose(dQ, dVt, d, n);
+        scatter(dvp, dQ, e, sdv, b, head, d);
       });
 }
 

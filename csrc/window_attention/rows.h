@@ -1,5 +1,5 @@
-// Row loops of the float32 attention kernel (softmax and its backward), compiled for AVX-512,
-// AVX2+FMA and a baseline and picked once at run time from the CPU's features. The build is
+// Row loops of the float32 attention kernel (softmax and its backward) and its GEMM, compiled
+// for AVX-512, AVX2+FMA and a baseline and picked once at run time from the CPU's features. The build is
 // portable (no -march=native), so these are the only places that use wider vectors than SSE2.
 // One ISA gives one result: the same machine always reproduces the same bits.
 #pragma once
@@ -20,7 +20,16 @@ struct RowOps {
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
+  // Row-major C (m x N) = A (m x K) B (K x N) for window-sized operands, or null where the
+  // kernel should call the BLAS instead (see gemm_avx512.cpp).
+  void (*gemm)(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc);
 };
+
+#if defined(__x86_64__)
+void gemm_rm_avx512(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                    float* C, int64_t ldc);
+#endif
 
 const RowOps& row_ops();
 
