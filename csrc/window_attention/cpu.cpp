@@ -43,21 +43,22 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace walt::attn {
 namespace {
 
-// Row-major C (m x N) = A (m x K) B (K x N). In the BLAS's column-major terms that is
-// C^T = B^T A^T, with each row-major buffer already being its own transpose there.
+// Row-major C (m x N) = op(A) B (K x N), op(A) = A (m x K) or, with trans_a, A^T for A stored
+// K x m. In the BLAS's column-major terms that is C^T = B^T op(A)^T, each row-major buffer
+// already being its own transpose there.
 inline void mm(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-               int64_t ldc) {
+               int64_t ldc, bool trans_a = false) {
   static const auto custom = row_ops().gemm;
-  if (custom) return custom(m, N, K, A, lda, B, ldb, C, ldc);
+  if (custom) return custom(trans_a, m, N, K, A, lda, B, ldb, C, ldc);
   const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
   const float one = 1, zero = 0;
-  sgemm_("N", "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
+  sgemm_("N", trans_a ? "T" : "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
 }
 inline void mm(int64_t m, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
-               int64_t ldc) {
+               int64_t ldc, bool trans_a = false) {
   const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
   const double one = 1, zero = 0;
-  dgemm_("N", "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
+  dgemm_("N", trans_a ? "T" : "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
 }
 
 struct FreeDeleter {
@@ -147,14 +148,27 @@ inline int64_t token_offset(const WindowExtent& e, const Strides& s, int64_t b, 
   return b * s.b + p.t * s.t + p.h * s.h + p.w * s.w + head * s.head;
 }
 
-// Asks for the cache lines of one token's d-vector ahead of use. The rows of a window are
-// scattered through q, k, v (a fused qkv tensor strides them kilobytes apart), so the hardware
-// prefetcher does not see them coming; issuing them during the previous task's softmax hides
-// the memory latency behind arithmetic.
+// Asks for the cache lines of one token's d-vector ahead of use, into L2. The rows of a window
+// are scattered through q, k, v (a fused qkv tensor strides them kilobytes apart), so the
+// hardware prefetcher does not see them coming; requesting them a few at a time while the
+// previous task's last GEMM runs hides the memory latency behind arithmetic.
 template <int rw, typename T>
 inline void prefetch_row(const T* p, int64_t d) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t byte = 0; byte < d * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(c + byte, rw, 3);
+  for (int64_t byte = 0; byte < d * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(c + byte, rw, 2);
+}
+
+// Runs the rows of a product in slices (multiples of the GEMM's 8-row tiles) and calls
+// between(lo, hi) after each with the slice's share [lo, hi) of `count` items to prefetch.
+template <typename Rows, typename Between>
+inline void interleave(int64_t m, int64_t count, Rows&& rows, Between&& between) {
+  constexpr int64_t kSlices = 8;
+  for (int64_t s = 0; s < kSlices; ++s) {
+    const int64_t lo = s == 0 ? 0 : (m * s / kSlices) & ~int64_t(7);
+    const int64_t hi = s == kSlices - 1 ? m : (m * (s + 1) / kSlices) & ~int64_t(7);
+    if (hi > lo) rows(lo, hi);
+    between(count * s / kSlices, count * (s + 1) / kSlices);
+  }
 }
 
 // Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
@@ -264,14 +278,17 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const Task t = decode(task), f = decode(following);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        // Row i of the softmax prefetches token i of the following task and this task's
-        // output row i; any following tokens beyond n are prefetched after the loop.
-        auto prefetch = [&](int64_t i) {
-          if (i < n) prefetch_row<1>(op + token_offset(e, so, b, head, i), d);
-          if (following < 0 || i >= f.e.n) return;
-          prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, i), d);
-          prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, i), d);
-          prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, i), d);
+        // While P V runs: this task's output rows (for writing) and the following task's inputs.
+        auto prefetch = [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            prefetch_row<1>(op + token_offset(e, so, b, head, i), d);
+            if (following < 0) continue;
+            for (int64_t j = i * f.e.n / n; j < (i + 1) * f.e.n / n; ++j) {
+              prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, j), d);
+              prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, j), d);
+              prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, j), d);
+            }
+          }
         };
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
@@ -289,15 +306,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Whole-row softmax, left unnormalised: the 1/sum goes onto the d outputs of the row
         // instead of the n probabilities.
         for (int64_t i = 0; i < n; ++i) {
-          prefetch(i);
           acc_t* row = S + i * n;
           const acc_t m = rows.max(row, n);
           const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
           inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
           row_lse[i] = m + std::log(sum);
         }
-        for (int64_t i = n; following >= 0 && i < f.e.n; ++i) prefetch(i);
-        mm(n, d, n, S, n, V, d, O, d);  // O = P V
+        interleave(  // O = P V
+            n, n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, S + lo * n, n, V, d, O + lo * d, d); }, prefetch);
         scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
       });
@@ -331,37 +347,38 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
   run_tasks(
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(13, std::max(nmax * nmax, nmax * d)); },
+      [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d)); },
       [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
         const Task t = decode(task), f = decode(following);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        // As in the forward: row i of the two row loops prefetches token i of the following
-        // task's inputs and this task's gradient rows.
-        auto prefetch_inputs = [&](int64_t i) {
-          if (following < 0 || i >= f.e.n) return;
-          prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, i), d);
-          prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, i), d);
-          prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, i), d);
-          prefetch_row<0>(dop + token_offset(f.e, sdo, f.b, f.head, i), d);
-          prefetch_row<0>(op + token_offset(f.e, so, f.b, f.head, i), d);
+        // As in the forward: while the last two GEMMs run, this task's gradient rows (for
+        // writing) and the following task's inputs.
+        auto prefetch_outputs = [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            prefetch_row<1>(dqp + token_offset(e, sdq, b, head, i), d);
+            prefetch_row<1>(dkp + token_offset(e, sdk, b, head, i), d);
+            prefetch_row<1>(dvp + token_offset(e, sdv, b, head, i), d);
+          }
         };
-        auto prefetch_outputs = [&](int64_t i) {
-          prefetch_row<1>(dqp + token_offset(e, sdq, b, head, i), d);
-          prefetch_row<1>(dkp + token_offset(e, sdk, b, head, i), d);
-          prefetch_row<1>(dvp + token_offset(e, sdv, b, head, i), d);
+        auto prefetch_inputs = [&](int64_t lo, int64_t hi) {
+          for (int64_t j = lo; following >= 0 && j < hi; ++j) {
+            prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, j), d);
+            prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, j), d);
+            prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, j), d);
+            prefetch_row<0>(dop + token_offset(f.e, sdo, f.b, f.head, j), d);
+            prefetch_row<0>(op + token_offset(f.e, so, f.b, f.head, j), d);
+          }
         };
-        acc_t *Q = buf[0], *Qt = buf[1], *K = buf[2], *Kt = buf[3], *Vt = buf[4], *dO = buf[5], *dOt = buf[6];
-        acc_t *P = buf[7], *dP = buf[8], *dQ = buf[9], *dKt = buf[10], *dVt = buf[11], *stat = buf[12];
-        // Q and Qt hold scale * q; stat holds lse, then delta.
+        acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
+        acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
+        // Q holds scale * q; stat holds lse, then delta.
         gather(Q, qp, e, sq, b, head, d, scale);
-        transpose(Qt, Q, n, d);
         gather(K, kp, e, sk, b, head, d);
         transpose(Kt, K, n, d);
         gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
         transpose(Vt, dQ, n, d);
         gather(dO, dop, e, sdo, b, head, d);
-        transpose(dOt, dO, n, d);
         // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
         gather(dQ, op, e, so, b, head, d);
         acc_t* delta = stat + nmax;
@@ -376,34 +393,31 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           });
         }
         for (int64_t i = 0; i < n; ++i) {
-          prefetch_inputs(i);
           if (stat[i] == -inf) {  // fully masked row: P = 0
             std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
           } else {
             rows.exp(P + i * n, n, stat[i]);
           }
         }
-        mm(d, n, n, dOt, n, P, n, dVt, n);  // dV^T = dO^T P
+        mm(n, d, n, P, n, dO, d, dV, d, true);  // dV = P^T dO
         mm(n, n, d, dO, d, Vt, n, dP, n);   // dP = dO V^T
         // dS = P o (dP - delta), in place of P.
-        for (int64_t i = 0; i < n; ++i) {
-          prefetch_outputs(i);
-          rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
-        }
-        for (int64_t i = n; following >= 0 && i < f.e.n; ++i) prefetch_inputs(i);
+        for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
         if (pp) {
           acc_t* tb = pp + task * table;  // this task's own partial table
           for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
             for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
           });
         }
-        mm(n, d, n, P, n, K, d, dQ, d);     // dQ = dS K, times scale on the way out
-        mm(d, n, n, Qt, n, P, n, dKt, n);   // dK^T = (scale Q)^T dS
+        interleave(  // dQ = dS K, times scale on the way out
+            n, n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, P + lo * n, n, K, d, dQ + lo * d, d); },
+            prefetch_outputs);
+        interleave(  // dK = dS^T (scale Q)
+            n, f.e.n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, P + lo, n, Q, d, dK + lo * d, d, true); },
+            prefetch_inputs);
         scatter(dqp, dQ, e, sdq, b, head, d, scale);
-        transpose(dQ, dKt, d, n);  // dQ's buffer is free again
-        scatter(dkp, dQ, e, sdk, b, head, d);
-        transpose(dQ, dVt, d, n);
-        scatter(dvp, dQ, e, sdv, b, head, d);
+        scatter(dkp, dK, e, sdk, b, head, d);
+        scatter(dvp, dV, e, sdv, b, head, d);
       });
 }
 

@@ -20,15 +20,15 @@ struct RowOps {
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
-  // Row-major C (m x N) = A (m x K) B (K x N) for window-sized operands, or null where the
-  // kernel should call the BLAS instead (see gemm_avx512.cpp).
-  void (*gemm)(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-               int64_t ldc);
+  // Row-major C (m x N) = op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T
+  // (A stored K x m); null where the kernel should call the BLAS instead (see gemm_avx512.cpp).
+  void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float* C, int64_t ldc);
 };
 
 #if defined(__x86_64__)
-void gemm_rm_avx512(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                    float* C, int64_t ldc);
+void gemm_rm_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc);
 #endif
 
 const RowOps& row_ops();
