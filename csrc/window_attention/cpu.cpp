@@ -142,35 +142,6 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
   });
 }
 
-// Element offset of the window's local token i (batch b, head `head`) in a tensor with strides s.
-inline int64_t token_offset(const WindowExtent& e, const Strides& s, int64_t b, int64_t head, int64_t i) {
-  const Coord3 p = global_coords(e, local_coords(e, i));
-  return b * s.b + p.t * s.t + p.h * s.h + p.w * s.w + head * s.head;
-}
-
-// Asks for the cache lines of one token's d-vector ahead of use, into L2. The rows of a window
-// are scattered through q, k, v (a fused qkv tensor strides them kilobytes apart), so the
-// hardware prefetcher does not see them coming; requesting them a few at a time while the
-// previous task's last GEMM runs hides the memory latency behind arithmetic.
-template <int rw, typename T>
-inline void prefetch_row(const T* p, int64_t d) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t byte = 0; byte < d * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(c + byte, rw, 2);
-}
-
-// Runs the rows of a product in slices (multiples of the GEMM's 8-row tiles) and calls
-// between(lo, hi) after each with the slice's share [lo, hi) of `count` items to prefetch.
-template <typename Rows, typename Between>
-inline void interleave(int64_t m, int64_t count, Rows&& rows, Between&& between) {
-  constexpr int64_t kSlices = 8;
-  for (int64_t s = 0; s < kSlices; ++s) {
-    const int64_t lo = s == 0 ? 0 : (m * s / kSlices) & ~int64_t(7);
-    const int64_t hi = s == kSlices - 1 ? m : (m * (s + 1) / kSlices) & ~int64_t(7);
-    if (hi > lo) rows(lo, hi);
-    between(count * s / kSlices, count * (s + 1) / kSlices);
-  }
-}
-
 // Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
 // calling f(row pointer offset j0, bias pointer) for each run of keys with consecutive w: along
 // such a run the bias index drops by one per key (see bias_index).
@@ -220,10 +191,10 @@ struct RowsD {
 template <typename acc_t>
 using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
 
-// Runs body(worker scratch, task, following) for every task in [0, ntasks); workers pull tasks
-// from a shared counter so partial windows do not unbalance the threads, claiming each task one
-// step ahead so the body can prefetch the `following` task's rows (-1: none). Which thread runs
-// a task does not change its result. The region always opens with every thread, even for fewer
+// Runs body(worker scratch, task) for every task in [0, ntasks); workers pull tasks from a
+// shared counter so partial windows do not unbalance the threads. Which thread runs a task
+// does not change its result. (Software prefetch of the next task's rows was tried and
+// measured no faster.) The region always opens with every thread, even for fewer
 // tasks: inside a parallel region the BLAS runs sequentially, so a GEMM's summation order
 // never depends on the thread count (with one thread, torch keeps MKL at one thread too).
 //
@@ -240,11 +211,7 @@ void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& 
   const int64_t workers = flops < kInlineFlops ? 1 : at::get_num_threads();
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
-    for (int64_t task = next++; task < ntasks;) {
-      const int64_t following = next++;
-      body(scratch, task, following < ntasks ? following : -1);
-      task = following;
-    }
+    for (int64_t task = next++; task < ntasks; task = next++) body(scratch, task);
   });
 }
 
@@ -267,29 +234,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   };
   // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
   auto decode = [&](int64_t task) {
-    if (task < 0) return Task{0, 0, WindowExtent{}};
     return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
   };
 
   run_tasks(
       B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
-        const Task t = decode(task), f = decode(following);
+      [&](const Scratch<acc_t>& buf, int64_t task) {
+        const Task t = decode(task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        // While P V runs: this task's output rows (for writing) and the following task's inputs.
-        auto prefetch = [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) {
-            prefetch_row<1>(op + token_offset(e, so, b, head, i), d);
-            if (following < 0) continue;
-            for (int64_t j = i * f.e.n / n; j < (i + 1) * f.e.n / n; ++j) {
-              prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, j), d);
-              prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, j), d);
-              prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, j), d);
-            }
-          }
-        };
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
         gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
@@ -312,8 +266,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
           row_lse[i] = m + std::log(sum);
         }
-        interleave(  // O = P V
-            n, n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, S + lo * n, n, V, d, O + lo * d, d); }, prefetch);
+        mm(n, d, n, S, n, V, d, O, d);  // O = P V
         scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
       });
@@ -341,35 +294,16 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   };
   // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
   auto decode = [&](int64_t task) {
-    if (task < 0) return Task{0, 0, WindowExtent{}};
     return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
   };
 
   run_tasks(
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task, int64_t following) {
-        const Task t = decode(task), f = decode(following);
+      [&](const Scratch<acc_t>& buf, int64_t task) {
+        const Task t = decode(task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        // As in the forward: while the last two GEMMs run, this task's gradient rows (for
-        // writing) and the following task's inputs.
-        auto prefetch_outputs = [&](int64_t lo, int64_t hi) {
-          for (int64_t i = lo; i < hi; ++i) {
-            prefetch_row<1>(dqp + token_offset(e, sdq, b, head, i), d);
-            prefetch_row<1>(dkp + token_offset(e, sdk, b, head, i), d);
-            prefetch_row<1>(dvp + token_offset(e, sdv, b, head, i), d);
-          }
-        };
-        auto prefetch_inputs = [&](int64_t lo, int64_t hi) {
-          for (int64_t j = lo; following >= 0 && j < hi; ++j) {
-            prefetch_row<0>(qp + token_offset(f.e, sq, f.b, f.head, j), d);
-            prefetch_row<0>(kp + token_offset(f.e, sk, f.b, f.head, j), d);
-            prefetch_row<0>(vp + token_offset(f.e, sv, f.b, f.head, j), d);
-            prefetch_row<0>(dop + token_offset(f.e, sdo, f.b, f.head, j), d);
-            prefetch_row<0>(op + token_offset(f.e, so, f.b, f.head, j), d);
-          }
-        };
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
         // Q holds scale * q; stat holds lse, then delta.
@@ -409,12 +343,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
           });
         }
-        interleave(  // dQ = dS K, times scale on the way out
-            n, n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, P + lo * n, n, K, d, dQ + lo * d, d); },
-            prefetch_outputs);
-        interleave(  // dK = dS^T (scale Q)
-            n, f.e.n, [&](int64_t lo, int64_t hi) { mm(hi - lo, d, n, P + lo, n, Q, d, dK + lo * d, d, true); },
-            prefetch_inputs);
+        mm(n, d, n, P, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
+        mm(n, d, n, P, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
         scatter(dqp, dQ, e, sdq, b, head, d, scale);
         scatter(dkp, dK, e, sdk, b, head, d);
         scatter(dvp, dV, e, sdv, b, head, d);
