@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <vector>
 
 #include "rows.h"
 #include "walt/window_geometry.h"
@@ -49,7 +50,7 @@ namespace {
 inline void mm(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                int64_t ldc, bool trans_a = false) {
   static const auto custom = row_ops().gemm;
-  if (custom) return custom(trans_a, m, N, K, A, lda, B, ldb, C, ldc);
+  if (custom) return custom(trans_a, m, N, K, InRows{A, lda}, InRows{B, ldb}, OutRows{C, ldc}, 1.f);
   const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
   const float one = 1, zero = 0;
   sgemm_("N", trans_a ? "T" : "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
@@ -65,12 +66,15 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// A thread's scratch: one 64-byte aligned block carved into equally sized, aligned slices.
+// A thread's scratch: one 64-byte aligned block carved into equally sized, aligned slices, and
+// room for row pointers of up to `rows` tokens (the in-place float32 path).
 template <typename acc_t>
 struct Scratch {
   std::unique_ptr<acc_t[], FreeDeleter> mem;
   int64_t slice;  // elements per slice, a multiple of 64 bytes
-  Scratch(int slices, int64_t elems) {
+  std::vector<const float*> in_rows;  // 5 x rows
+  std::vector<float*> out_rows;       // 3 x rows
+  Scratch(int slices, int64_t elems, int64_t rows = 0) : in_rows(size_t(5 * rows)), out_rows(size_t(3 * rows)) {
     const int64_t per_line = 64 / int64_t(sizeof(acc_t));
     slice = (elems + per_line - 1) / per_line * per_line;
     void* p = std::aligned_alloc(64, size_t(slices * slice) * sizeof(acc_t));
@@ -113,6 +117,16 @@ inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const
       for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]) * mul;
     }
   });
+}
+
+// dst (cols x rows, row-major) = the transpose of the rows src[0..rows), each cols long; blocks of
+// 16 rows as below.
+inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i][a];
+  }
 }
 
 // dst (cols x rows) = src (rows x cols)^T, both row-major, in blocks of 16 rows so that each
@@ -227,6 +241,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
+  const auto gemm_rows = row_ops().gemm;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   struct Task {
     int64_t b, head;
@@ -239,33 +254,54 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   run_tasks(
       B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task) {
+      [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d), nmax); },
+      [&](Scratch<acc_t>& buf, int64_t task) {
         const Task t = decode(task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
+        // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
+        // the d outputs of a row instead of its n probabilities.
+        auto softmax = [&] {
+          if (bp) {
+            const acc_t* tb = bp + head * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) S[j + w] += tb[bi - w];
+            });
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t* row = S + i * n;
+            const acc_t m = rows.max(row, n);
+            const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
+            inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
+            row_lse[i] = m + std::log(sum);
+          }
+        };
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (gemm_rows) {
+            // float32 on the AVX-512 GEMM: q and v are read and out is written in place through
+            // row pointers; only K is copied, transposed, as the B operand of Q K^T.
+            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax;
+            float** orow = buf.out_rows.data();
+            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
+            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
+            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
+            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
+            transpose_rows(Kt, kr, n, d);
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{S, n}, scale);
+            softmax();
+            gemm_rows(false, n, d, n, InRows{S, n}, InRows{nullptr, 0, vr}, OutRows{nullptr, 0, orow, inv}, 1.f);
+            for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
+            return;
+          }
+        }
         gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
         gather(O, kp, e, sk, b, head, d);         // K, row-major, in O's buffer until PV
         transpose(Kt, O, n, d);
         gather(V, vp, e, sv, b, head, d);
         mm(n, n, d, Q, d, Kt, n, S, n);  // S = (scale Q) K^T
-        if (bp) {
-          const acc_t* tb = bp + head * table;
-          for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-            for (int64_t w = 0; w < len; ++w) S[j + w] += tb[bi - w];
-          });
-        }
-        // Whole-row softmax, left unnormalised: the 1/sum goes onto the d outputs of the row
-        // instead of the n probabilities.
-        for (int64_t i = 0; i < n; ++i) {
-          acc_t* row = S + i * n;
-          const acc_t m = rows.max(row, n);
-          const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
-          inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
-          row_lse[i] = m + std::log(sum);
-        }
+        softmax();
         mm(n, d, n, S, n, V, d, O, d);  // O = P V
         scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
@@ -287,6 +323,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
+  const auto gemm_rows = row_ops().gemm;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   struct Task {
     int64_t b, head;
@@ -299,15 +336,70 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
   run_tasks(
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d)); },
-      [&](const Scratch<acc_t>& buf, int64_t task) {
+      [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d), nmax); },
+      [&](Scratch<acc_t>& buf, int64_t task) {
         const Task t = decode(task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
-        // Q holds scale * q; stat holds lse, then delta.
-        gather(Q, qp, e, sq, b, head, d, scale);
+        acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
+        // P = exp(scale Q K^T + bias - lse) from the logits in P and the saved row statistics.
+        auto recompute_p = [&] {
+          if (bp) {
+            const acc_t* tb = bp + head * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) P[j + w] += tb[bi - w];
+            });
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            if (stat[i] == -inf) {  // fully masked row: P = 0
+              std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
+            } else {
+              rows.exp(P + i * n, n, stat[i]);
+            }
+          }
+        };
+        // dS = P o (dP - delta), in place of P, and this task's own partial bias table.
+        auto softmax_grad = [&] {
+          for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+          if (pp) {
+            acc_t* tb = pp + task * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
+            });
+          }
+        };
+        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (gemm_rows) {
+            // float32 on the AVX-512 GEMM: q, k, dO, out are read and dq, dk, dv written in
+            // place through row pointers; only K and V are copied, transposed, as B operands.
+            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax, **dor = vr + nmax;
+            const float** orow = dor + nmax;
+            float **dqr = buf.out_rows.data(), **dkr = dqr + nmax, **dvr = dkr + nmax;
+            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
+            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
+            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
+            for_tokens(e, sdo, b, head, [&](int64_t i, int64_t off) { dor[i] = dop + off; });
+            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
+            for_tokens(e, sdq, b, head, [&](int64_t i, int64_t off) { dqr[i] = dqp + off; });
+            for_tokens(e, sdk, b, head, [&](int64_t i, int64_t off) { dkr[i] = dkp + off; });
+            for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
+            transpose_rows(Kt, kr, n, d);
+            transpose_rows(Vt, vr, n, d);
+            for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dor[i], orow[i], d);
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{P, n}, scale);
+            recompute_p();
+            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, dor}, OutRows{nullptr, 0, dvr}, 1.f);  // P^T dO
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, dor}, InRows{Vt, n}, OutRows{dP, n}, 1.f);        // dO V^T
+            softmax_grad();
+            gemm_rows(false, n, d, n, InRows{P, n}, InRows{nullptr, 0, kr}, OutRows{nullptr, 0, dqr}, scale);  // dS K
+            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, qr}, OutRows{nullptr, 0, dkr}, scale);   // dS^T Q
+            return;
+          }
+        }
+        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
         gather(K, kp, e, sk, b, head, d);
         transpose(Kt, K, n, d);
         gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
@@ -315,34 +407,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         gather(dO, dop, e, sdo, b, head, d);
         // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
         gather(dQ, op, e, so, b, head, d);
-        acc_t* delta = stat + nmax;
         for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
-        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
-        // Recompute P = exp(scale Q K^T + bias - lse) from the saved row statistics.
-        mm(n, n, d, Q, d, Kt, n, P, n);
-        if (bp) {
-          const acc_t* tb = bp + head * table;
-          for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-            for (int64_t w = 0; w < len; ++w) P[j + w] += tb[bi - w];
-          });
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          if (stat[i] == -inf) {  // fully masked row: P = 0
-            std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
-          } else {
-            rows.exp(P + i * n, n, stat[i]);
-          }
-        }
+        mm(n, n, d, Q, d, Kt, n, P, n);  // logits
+        recompute_p();
         mm(n, d, n, P, n, dO, d, dV, d, true);  // dV = P^T dO
-        mm(n, n, d, dO, d, Vt, n, dP, n);   // dP = dO V^T
-        // dS = P o (dP - delta), in place of P.
-        for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
-        if (pp) {
-          acc_t* tb = pp + task * table;  // this task's own partial table
-          for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-            for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
-          });
-        }
+        mm(n, n, d, dO, d, Vt, n, dP, n);       // dP = dO V^T
+        softmax_grad();
         mm(n, d, n, P, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
         mm(n, d, n, P, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
         scatter(dqp, dQ, e, sdq, b, head, d, scale);

@@ -214,7 +214,7 @@ WALT_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 
 RowOps pick() {
 #if defined(__x86_64__)
-  if (cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rm_avx512};
+  if (cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rows_avx512};
   if (cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, nullptr};
 #endif
   return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, nullptr};

@@ -8,6 +8,23 @@
 
 namespace walt::attn {
 
+// The rows of a row-major float32 GEMM operand: row r at ptr[r] when ptr is set (window tokens
+// read in place from a strided tensor), else at base + r * ld.
+struct InRows {
+  const float* base;
+  int64_t ld;
+  const float* const* ptr = nullptr;
+  const float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
+};
+// The same for the output, plus an optional multiplier per row (the softmax's 1 / sum).
+struct OutRows {
+  float* base;
+  int64_t ld;
+  float* const* ptr = nullptr;
+  const float* scale = nullptr;
+  float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
+};
+
 struct RowOps {
   const char* isa;
   // max_j x[j]
@@ -20,15 +37,16 @@ struct RowOps {
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
-  // Row-major C (m x N) = op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T
-  // (A stored K x m); null where the kernel should call the BLAS instead (see gemm_avx512.cpp).
-  void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-               int64_t ldb, float* C, int64_t ldc);
+  // C (m x N) = alpha op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T (A
+  // stored K x m, base form only); null where the kernel should call the BLAS instead (see
+  // gemm_avx512.cpp).
+  void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
+               float alpha);
 };
 
 #if defined(__x86_64__)
-void gemm_rm_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                    int64_t ldb, float* C, int64_t ldc);
+void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
+                      const OutRows& C, float alpha);
 #endif
 
 const RowOps& row_ops();
