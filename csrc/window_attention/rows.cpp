@@ -6,6 +6,8 @@
 #include "rows.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "walt/cpu_features.h"
 
@@ -212,10 +214,17 @@ WALT_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 }
 #endif  // __x86_64__
 
+// WALT_CPU_ISA=avx2|baseline caps the choice below what the CPU offers, so the other code paths
+// (including the BLAS GEMM path) can be tested on any machine.
 RowOps pick() {
+  const char* cap = std::getenv("WALT_CPU_ISA");
+  const bool allow512 = cap == nullptr || std::strcmp(cap, "avx512f") == 0;
+  const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
+  (void)allow512;
+  (void)allow2;
 #if defined(__x86_64__)
-  if (cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rows_avx512};
-  if (cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, nullptr};
+  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rows_avx512};
+  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, nullptr};
 #endif
   return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, nullptr};
 }
