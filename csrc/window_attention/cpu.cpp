@@ -1,18 +1,19 @@
 // Fused 3D window attention on CPU, forward and backward.
 //
 // One task per (batch, window, head), tasks handed out dynamically to the threads of one
-// parallel region. A task gathers its window's rows of Q, K, V (any strides, unit stride on d)
-// into thread-local, 64-byte aligned float32 buffers (float64 for float64 inputs; bf16/fp16
-// converted on load), computes the whole n x n logit block with one GEMM (n <= 320 tokens for
-// WALT's windows, so it stays in L2), a whole-row softmax (no online rescaling needed), a second
-// GEMM for P V, and scatters its output rows. No partitioned copies of q, k, v or out exist at
-// tensor level. Tasks never share output elements (windows do not overlap), there are no
-// cross-thread reductions, and each task's arithmetic does not depend on which thread runs it,
-// so results are bitwise identical across runs and thread counts. The bias gradient is summed
-// from per-task partial tables in a fixed order.
+// parallel region. A task computes the whole n x n logit block of its window with one GEMM
+// (n <= 320 tokens for WALT's windows, so it stays in L2), a whole-row softmax (no online
+// rescaling needed) and a second GEMM for P V, and writes its output rows. No partitioned copies
+// of q, k, v or out exist at tensor level: float32 on AVX-512 CPUs reads q, k, v (any strides,
+// unit stride on d) and writes out in place through per-token row pointers, copying only K
+// (transposed) into a thread-local buffer; other dtypes and CPUs gather the window's rows into
+// thread-local, 64-byte aligned float32 buffers (float64 for float64; bf16/fp16 converted on
+// load) and scatter the results. Tasks never share output elements (windows do not overlap),
+// there are no cross-thread reductions, and each task's arithmetic does not depend on which
+// thread runs it, so results are bitwise identical across runs and thread counts. The bias
+// gradient is summed from per-task partial tables in a fixed order.
 //
-// Every product is written as row-major C = A B, with the gathers laying out each operand
-// (or its transpose) the way the product reads it. On AVX-512 CPUs float32 products run on the
+// Every product is written as row-major C = op(A) B. On AVX-512 CPUs float32 products run on the
 // kernel's own GEMM (gemm_avx512.cpp); otherwise, and for float64, they go to the BLAS PyTorch
 // links (MKL here) through its Fortran interface.
 #include "kernel.h"
