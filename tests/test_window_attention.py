@@ -237,6 +237,8 @@ def test_bad_inputs_raise_clear_errors():
     _expect(ValueError, r"rel_pos_bias must have shape \(2, 3, 3, 3\) .* got \(2, 5, 5, 5\)", lambda: window_attention(q, k, v, w, rel_pos_bias=torch.zeros(2, 5, 5, 5)))
     _expect(TypeError, r"rel_pos_bias must have q's dtype or float32, got torch.float64", lambda: window_attention(q, k, v, w, rel_pos_bias=table.double()))
     _expect(TypeError, r"scale must be a number or None, got str", lambda: window_attention(q, k, v, w, scale="0.5"))
+    big = torch.zeros(1, 3, 32, 32, 1, 1)
+    _expect(ValueError, r"a window may hold at most 2048 tokens on CPU, got 3072 \(window \(8, 32, 32\) on a \(3, 32, 32\) grid\)", lambda: window_attention(big, big, big, (8, 32, 32)))
     # The op itself checks too (callers that bypass the Python wrapper get the same sentences).
     op = torch.ops.walt.window_attention
     _expect(RuntimeError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions", lambda: op(q[0], k[0], v[0], [2, 2, 2], 0.5, None))
@@ -244,6 +246,7 @@ def test_bad_inputs_raise_clear_errors():
     _expect(RuntimeError, r"q must have unit stride on its last dimension \(d\), got stride 2", lambda: op(torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], k, v, [2, 2, 2], 0.5, None))
     _expect(RuntimeError, r"every window entry must be at least 1, got \[2, -1, 2\]", lambda: op(q, k, v, [2, -1, 2], 0.5, None))
     _expect(RuntimeError, r"rel_pos_bias must have shape \[2, 3, 3, 3\]", lambda: op(q, k, v, [2, 2, 2], 0.5, torch.zeros(2, 3, 3)))
+    _expect(RuntimeError, r"a window may hold at most 2048 tokens on CPU, got 3072", lambda: op(big, big, big, [8, 32, 32], 1.0, None))
     out, lse = op(q, k, v, [2, 2, 2], 0.5, None)
     bwd = torch.ops.walt.window_attention_backward
     _expect(RuntimeError, r"lse must have shape \[1, 2, 4, 4, 2\] \(B, T, H, W, heads\), got \[1, 2, 4, 4\]", lambda: bwd(out, q, k, v, out, lse[..., 0], [2, 2, 2], 0.5, None, False))

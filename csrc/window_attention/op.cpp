@@ -3,12 +3,15 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernel.h"
 
 namespace walt::attn {
 namespace {
+
+constexpr int64_t kMaxWindowTokens = 2048;
 
 void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 6 && x.sizes() == q.sizes(), "window_attention: ", name, " must have q's shape ", q.sizes(),
@@ -37,6 +40,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(window[0] >= 1 && window[1] >= 1 && window[2] >= 1,
               "window_attention: every window entry must be at least 1, got ", window, ".");
   TORCH_CHECK(std::isfinite(scale), "window_attention: scale must be a finite number, got ", scale, ".");
+  // The kernel holds a window's whole n x n logit block per thread (a dozen such buffers in the
+  // backward); beyond this it would need gigabytes, so say so instead of failing to allocate.
+  const int64_t tokens = std::min(window[0], q.size(1)) * std::min(window[1], q.size(2)) * std::min(window[2], q.size(3));
+  TORCH_CHECK(tokens <= kMaxWindowTokens, "window_attention: a window may hold at most ", kMaxWindowTokens,
+              " tokens on CPU, got ", tokens, " (window ", window, " on a ", q.sizes().slice(1, 3), " grid).");
   if (bias.has_value()) {
     const std::vector<int64_t> want{q.size(4), 2 * window[0] - 1, 2 * window[1] - 1, 2 * window[2] - 1};
     TORCH_CHECK(bias->sizes() == at::IntArrayRef(want), "window_attention: rel_pos_bias must have shape ",

@@ -9,6 +9,8 @@ import torch
 __all__ = ["window_attention"]
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# The CPU kernel keeps a window's whole n x n logit block per thread (csrc/window_attention/op.cpp).
+MAX_WINDOW_TOKENS = 2048
 
 
 def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
@@ -57,6 +59,14 @@ def _check(q, k, v, window, scale, rel_pos_bias):
         raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(window)}.")
     if min(window) < 1:
         raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(window)}.")
+    tokens = 1
+    for w, size in zip(window, q.shape[1:4]):
+        tokens *= min(w, size)
+    if tokens > MAX_WINDOW_TOKENS:
+        raise ValueError(
+            f"window_attention: a window may hold at most {MAX_WINDOW_TOKENS} tokens on CPU, got {tokens} "
+            f"(window {tuple(window)} on a {tuple(q.shape[1:4])} grid)."
+        )
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"window_attention: scale must be a number or None, got {type(scale).__name__}.")
     if rel_pos_bias is not None:
