@@ -158,8 +158,9 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
 }
 
 // Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
-// calling f(row pointer offset j0, bias pointer) for each run of keys with consecutive w: along
-// such a run the bias index drops by one per key (see bias_index).
+// calling f(offset of the run in the block, bias index of its first key, run length) for each
+// run of keys with consecutive w: along such a run the bias index drops by one per key (see
+// bias_index).
 template <typename F>
 inline void for_bias_runs(const WindowGeometry& g, const WindowExtent& e, F&& f) {
   for (int64_t i = 0; i < e.n; ++i) {
