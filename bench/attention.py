@@ -4,7 +4,7 @@ Both contenders get q, k, v as views of one fused qkv tensor, as a transformer b
 them, and are timed in the same process (bench/common.compare). GFLOP/s counts attended keys
 only: forward 4 * N_keys * d per query and head (QK^T and PV), backward 2.5x forward.
 
-    python bench/attention.py [--device cpu|cuda] [--dtype float32] [--bias] [--json PATH]
+    python bench/attention.py [--device cpu|cuda] [--dtype float32] [--bias] [--threads N] [--json PATH]
 """
 import argparse
 import os
@@ -90,11 +90,14 @@ def main():
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--bias", action="store_true", help="also use a relative position bias table (with gradient)")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both contenders (default: torch's)")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "attention.json"))
     args = p.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/attention.py: --device cuda needs a CUDA device, and none is available.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     shape = (args.batch, *args.grid, args.heads, args.head_dim)
     peak = max(sgemm_peak_gflops(args.device) for _ in range(3))  # best of three: the machine may be shared
