@@ -120,11 +120,21 @@ inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const
   });
 }
 
+// Asks for the cache lines of rows [lo, hi) (each cols floats) ahead of use: the rows are
+// scattered through the input tensor, so the hardware prefetcher cannot guess them, and a loop
+// that touches them one line at a time waits for each round of misses in turn.
+inline void prefetch_rows(const float* const* rows, int64_t lo, int64_t hi, int64_t cols) {
+  for (int64_t i = lo; i < hi; ++i)
+    for (int64_t a = 0; a < cols; a += 16) __builtin_prefetch(rows[i] + a);
+}
+
 // dst (cols x rows, row-major) = the transpose of the rows src[0..rows), each cols long; blocks of
-// 16 rows as below.
+// 16 rows as below, the next block's rows requested while this one is copied.
 inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols) {
+  prefetch_rows(src, 0, std::min<int64_t>(16, rows), cols);
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
+    prefetch_rows(src, i1, std::min<int64_t>(i1 + 16, rows), cols);
     for (int64_t a = 0; a < cols; ++a)
       for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i][a];
   }
@@ -390,7 +400,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
             transpose_rows(Kt, kr, n, d);
             transpose_rows(Vt, vr, n, d);
-            for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dor[i], orow[i], d);
+            prefetch_rows(dor, 0, std::min<int64_t>(8, n), d);
+            prefetch_rows(orow, 0, std::min<int64_t>(8, n), d);
+            for (int64_t i = 0; i < n; ++i) {
+              if (i % 8 == 0) {
+                prefetch_rows(dor, i + 8, std::min<int64_t>(i + 16, n), d);
+                prefetch_rows(orow, i + 8, std::min<int64_t>(i + 16, n), d);
+              }
+              delta[i] = rows.dot(dor[i], orow[i], d);
+            }
             gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{P, n}, scale);
             recompute_p();
             gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, dor}, OutRows{nullptr, 0, dvr}, 1.f);  // P^T dO
