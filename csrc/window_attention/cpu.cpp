@@ -123,18 +123,22 @@ inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const
 // Asks for the cache lines of rows [lo, hi) (each cols floats) ahead of use: the rows are
 // scattered through the input tensor, so the hardware prefetcher cannot guess them, and a loop
 // that touches them one line at a time waits for each round of misses in turn.
-inline void prefetch_rows(const float* const* rows, int64_t lo, int64_t hi, int64_t cols) {
+template <typename T>
+inline void prefetch_rows(T* const* rows, int64_t lo, int64_t hi, int64_t cols) {
   for (int64_t i = lo; i < hi; ++i)
-    for (int64_t a = 0; a < cols; a += 16) __builtin_prefetch(rows[i] + a);
+    for (int64_t a = 0; a < cols; a += 16) __builtin_prefetch(rows[i] + a, std::is_const_v<T> ? 0 : 1);
 }
 
 // dst (cols x rows, row-major) = the transpose of the rows src[0..rows), each cols long; blocks of
-// 16 rows as below, the next block's rows requested while this one is copied.
-inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols) {
+// 16 rows as below, the next block's rows requested while this one is copied, along with the
+// same rows of `next` if given (the rows the following GEMM reads in place).
+inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols,
+                           const float* const* next) {
   prefetch_rows(src, 0, std::min<int64_t>(16, rows), cols);
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
     prefetch_rows(src, i1, std::min<int64_t>(i1 + 16, rows), cols);
+    if (next) prefetch_rows(next, i0, i1, cols);
     for (int64_t a = 0; a < cols; ++a)
       for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i][a];
   }
@@ -275,7 +279,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
         // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
         // the d outputs of a row instead of its n probabilities.
-        auto softmax = [&] {
+        auto softmax = [&](auto&& per_row) {
           if (bp) {
             const acc_t* tb = bp + head * table;
             for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
@@ -283,6 +287,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             });
           }
           for (int64_t i = 0; i < n; ++i) {
+            per_row(i);
             acc_t* row = S + i * n;
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
@@ -300,9 +305,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
             for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
             for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
-            transpose_rows(Kt, kr, n, d);
+            transpose_rows(Kt, kr, n, d, qr);
             gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{S, n}, scale);
-            softmax();
+            softmax([&](int64_t i) {  // v and out rows for P V, while the exp runs
+              prefetch_rows(vr, i, i + 1, d);
+              prefetch_rows(orow, i, i + 1, d);
+            });
             gemm_rows(false, n, d, n, InRows{S, n}, InRows{nullptr, 0, vr}, OutRows{nullptr, 0, orow, inv}, 1.f);
             for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
             return;
@@ -313,7 +321,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         transpose(Kt, O, n, d);
         gather(V, vp, e, sv, b, head, d);
         mm(n, n, d, Q, d, Kt, n, S, n);  // S = (scale Q) K^T
-        softmax();
+        softmax([](int64_t) {});
         mm(n, d, n, S, n, V, d, O, d);  // O = P V
         scatter(op, O, e, so, b, head, d, acc_t(1), inv);
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
@@ -398,8 +406,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for_tokens(e, sdq, b, head, [&](int64_t i, int64_t off) { dqr[i] = dqp + off; });
             for_tokens(e, sdk, b, head, [&](int64_t i, int64_t off) { dkr[i] = dkp + off; });
             for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
-            transpose_rows(Kt, kr, n, d);
-            transpose_rows(Vt, vr, n, d);
+            transpose_rows(Kt, kr, n, d, qr);
+            transpose_rows(Vt, vr, n, d, nullptr);
             prefetch_rows(dor, 0, std::min<int64_t>(8, n), d);
             prefetch_rows(orow, 0, std::min<int64_t>(8, n), d);
             for (int64_t i = 0; i < n; ++i) {
