@@ -118,7 +118,7 @@ def test_low_precision_forward(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[9]], ids=case_id)
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[6], CASES[9]], ids=case_id)
 def test_backward_matches_oracle(case, dtype):
     shape, window, bias, layout = case
     q, k, v, table = make_inputs(shape, dtype, layout, bias, window)
