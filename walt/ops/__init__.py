@@ -2,3 +2,4 @@
 
 `reference` holds the pure-PyTorch oracles that define what each op computes.
 """
+from walt.ops.noise import add_noise  # noqa: F401

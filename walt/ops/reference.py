@@ -112,3 +112,66 @@ def add_noise_reference(x0, t, alphas_cumprod, noise, target="v"):
     if target not in targets:
         raise ValueError(f"target must be one of 'v', 'eps', 'x0', got {target!r}")
     return x_t, targets[target]()
+
+
+# --- Philox4x32-10 and Box-Muller: the noise op's generator, written independently of the C++ ---
+# Integers are int64 tensors holding uint32 values; every product is assembled from 16-bit halves
+# so it never overflows int64. See csrc/include/walt/philox.h for the recipe in words.
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a, b):
+    """(hi, lo) 32-bit words of a * b for a Python int a < 2^32 and an int64 tensor b < 2^32."""
+    t = a * (b & 0xFFFF)  # < 2^48
+    u = a * (b >> 16) + (t >> 16)  # < 2^48 + 2^32
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox4x32_reference(counter, key, rounds=10):
+    """Philox4x32-R of `counter` (..., 4) under `key` (..., 2): int64 tensors of uint32 words.
+
+    Random123's philox4x32_R: `rounds` rounds, the key bumped by the Weyl constants between them.
+    """
+    c0, c1, c2, c3 = (counter[..., i] & _MASK32 for i in range(4))
+    k0, k1 = key[..., 0] & _MASK32, key[..., 1] & _MASK32
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_uniforms_reference(x):
+    """The two uniforms of the Box-Muller map: u1 = ((x >> 8) + 1) 2^-24 in (0, 1] and
+    u2 = (x >> 8) 2^-24 in [0, 1), as float64 (both are exact in float32)."""
+    top = (x >> 8).to(torch.float64)
+    return (top + 1) * 2.0**-24, top * 2.0**-24
+
+
+def philox_normal_reference(numel, seed, keys):
+    """The first `numel` normals of each key's Philox stream, in float64: shape (len(keys), numel).
+
+    Element i of the sample keyed K under seed S comes from block j = i // 4 with counter
+    (lo32(j), hi32(j), lo32(K), hi32(K)) and key (lo32(S), hi32(S)); the outputs (x0, x1, x2, x3)
+    give r = sqrt(-2 log u1(x_a)), (r cos(2 pi u2(x_b)), r sin(2 pi u2(x_b))) for (a, b) = (0, 1)
+    and (2, 3), and element i takes number i % 4. seed is an int in [0, 2^64); keys an int64
+    tensor (negative keys are their two's complement).
+    """
+    keys = torch.as_tensor(keys, dtype=torch.int64).reshape(-1)
+    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64)
+    j = blocks[None, :].expand(len(keys), -1)
+    k = keys[:, None].expand_as(j)
+    counter = torch.stack([j & _MASK32, j >> 32, k & _MASK32, (k >> 32) & _MASK32], dim=-1)
+    key = torch.tensor([seed & _MASK32, (seed >> 32) & _MASK32], dtype=torch.int64).expand(*j.shape, 2)
+    x = philox4x32_reference(counter, key)
+    u1, _ = philox_uniforms_reference(x[..., 0::2])
+    _, u2 = philox_uniforms_reference(x[..., 1::2])
+    r = torch.sqrt(-2 * torch.log(u1))
+    angle = 2 * math.pi * u2
+    pairs = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=-1)  # (K, blocks, 2, 2)
+    return pairs.reshape(len(keys), -1)[:, :numel]

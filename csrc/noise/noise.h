@@ -1,0 +1,35 @@
+// The noise op's device-independent argument checks and its per-device kernels (op.cpp registers
+// them). Only this folder includes it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "walt/noising.h"
+
+namespace walt::noise {
+
+// Validated, normalized arguments of walt::add_noise.
+struct AddNoiseArgs {
+  at::Tensor x0;              // contiguous, (B, ...)
+  at::Tensor a;               // sqrt(alphas_cumprod[t]), (B,), contiguous, in x0's compute dtype
+  at::Tensor s;               // sqrt(1 - alphas_cumprod[t]), likewise
+  uint64_t seed;
+  std::optional<at::Tensor> keys;   // int64, contiguous, (B,)
+  std::optional<at::Tensor> noise;  // contiguous, like x0
+  NoiseTarget target;
+};
+
+// Checks the op's arguments (one clear sentence per mistake) and normalizes them for a kernel.
+AddNoiseArgs check_args(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, int64_t seed,
+                        const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& noise,
+                        c10::string_view target);
+
+// x_t and the target into the preallocated contiguous outputs.
+void add_noise_cpu_kernel(const AddNoiseArgs& args, at::Tensor& x_t, at::Tensor& target);
+
+}  // namespace walt::noise
