@@ -15,9 +15,9 @@ struct CudaNoiseParams {
   DType dtype;                  // of x0, noise, x_t and target
   const void* x0;               // contiguous (batch, per_sample)
   const void* noise;            // like x0, or nullptr to draw Philox normals
-  const int64_t* t;             // (batch,), each in [0, len(alphas_cumprod))
+  const void* a;                // sqrt(ab[t]) per sample (batch,): double for f64, float otherwise
+  const void* s;                // sqrt(1 - ab[t]) per sample, likewise
   const int64_t* keys;          // (batch,) or nullptr for keys 0..batch-1
-  const void* alphas_cumprod;   // double for f64, float otherwise
   uint64_t seed;
   int64_t batch, per_sample;
   NoiseTarget target;

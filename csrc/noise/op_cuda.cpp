@@ -42,9 +42,9 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at
   p.dtype = kernel_dtype(args.x0.scalar_type());
   p.x0 = args.x0.const_data_ptr();
   p.noise = args.noise ? args.noise->const_data_ptr() : nullptr;
-  p.t = args.t.const_data_ptr<int64_t>();
+  p.a = args.a.const_data_ptr();
+  p.s = args.s.const_data_ptr();
   p.keys = args.keys ? args.keys->const_data_ptr<int64_t>() : nullptr;
-  p.alphas_cumprod = args.alphas_cumprod.const_data_ptr();
   p.seed = args.seed;
   p.batch = batch;
   p.per_sample = batch == 0 ? 0 : args.x0.numel() / batch;
