@@ -1,0 +1,499 @@
+// Fused 3D window attention on CPU, forward and backward.
+//
+// One task per (batch, window, head), tasks handed out dynamically to the threads of one
+// parallel region. A task gathers its window's rows of Q, K, V (any strides, unit stride on d)
+// into thread-local, 64-byte aligned float32 buffers (float64 for float64 inputs; bf16/fp16
+// converted on load), computes the whole n x n logit block with one GEMM (n <= 320 tokens for
+// WALT's windows, so it stays in L2), a whole-row softmax (no online rescaling needed), a second
+// GEMM for P V, and scatters its output rows. No partitioned copies of q, k, v or out exist at
+// tensor level. Tasks never share output elements (windows do not overlap), there are no
+// cross-thread reductions, and each task's arithmetic does not depend on which thread runs it,
+// so results are bitwise identical across runs and thread counts. The bias gradient is summed
+// from per-task partial tables in a fixed order.
+//
+// Every product is written as row-major C = A B, with the gathers laying out each operand
+// (or its transpose) the way the product reads it. On AVX-512 CPUs float32 products run on the
+// kernel's own GEMM (gemm_avx512.cpp); otherwise, and for float64, they go to the BLAS PyTorch
+// links (MKL here) through its Fortran interface.
+#include "kernel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "rows.h"
+#include "walt/window_geometry.h"
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace walt::attn {
+namespace {
+
+// Row-major C (m x N) = op(A) B (K x N), op(A) = A (m x K) or, with trans_a, A^T for A stored
+// K x m. In the BLAS's column-major terms that is C^T = B^T op(A)^T, each row-major buffer
+// already being its own transpose there.
+inline void mm(int64_t m, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc, bool trans_a = false) {
+  static const auto custom = row_ops().gemm;
+  if (custom) return custom(trans_a, m, N, K, InRows{A, lda}, InRows{B, ldb}, OutRows{C, ldc}, 1.f);
+  const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
+  const float one = 1, zero = 0;
+  sgemm_("N", trans_a ? "T" : "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
+}
+inline void mm(int64_t m, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+               int64_t ldc, bool trans_a = false) {
+  const int m_ = int(m), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
+  const double one = 1, zero = 0;
+  dgemm_("N", trans_a ? "T" : "N", &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &zero, C, &ldc_);
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// A thread's scratch: one 64-byte aligned block carved into equally sized, aligned slices, and
+// room for row pointers of up to `rows` tokens (the in-place float32 path).
+template <typename acc_t>
+struct Scratch {
+  std::unique_ptr<acc_t[], FreeDeleter> mem;
+  int64_t slice;  // elements per slice, a multiple of 64 bytes
+  std::vector<const float*> in_rows;  // 5 x rows
+  std::vector<float*> out_rows;       // 3 x rows
+  Scratch(int slices, int64_t elems, int64_t rows = 0) : in_rows(size_t(5 * rows)), out_rows(size_t(3 * rows)) {
+    const int64_t per_line = 64 / int64_t(sizeof(acc_t));
+    slice = (elems + per_line - 1) / per_line * per_line;
+    void* p = std::aligned_alloc(64, size_t(slices * slice) * sizeof(acc_t));
+    TORCH_CHECK(p != nullptr, "window_attention: could not allocate ", slices * slice * sizeof(acc_t),
+                " bytes of scratch memory.");
+    mem.reset(static_cast<acc_t*>(p));
+  }
+  acc_t* operator[](int i) const { return mem.get() + i * slice; }
+};
+
+// Strides (in elements) of a (B, T, H, W, heads, d) tensor.
+struct Strides {
+  int64_t b, t, h, w, head;
+  explicit Strides(const at::Tensor& x) : b(x.stride(0)), t(x.stride(1)), h(x.stride(2)), w(x.stride(3)), head(x.stride(4)) {}
+};
+
+// Calls f(i, offset) for the window's tokens in local order; offset is the token's element
+// offset for batch b and head `head` in a tensor with strides s.
+template <typename F>
+inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64_t head, F&& f) {
+  int64_t i = 0;
+  for (int64_t t = 0; t < e.et; ++t)
+    for (int64_t h = 0; h < e.eh; ++h) {
+      const int64_t base = b * s.b + (e.start.t + t) * s.t + (e.start.h + h) * s.h + e.start.w * s.w + head * s.head;
+      for (int64_t w = 0; w < e.ew; ++w) f(i++, base + w * s.w);
+    }
+}
+
+// dst row i = src row i * mul, converted to acc_t (n x d, row-major). Multiplying by the softmax
+// scale here keeps it out of the products.
+template <typename scalar_t, typename acc_t>
+inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
+                   int64_t d, acc_t mul = acc_t(1)) {
+  for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
+    const scalar_t* x = src + off;
+    acc_t* y = dst + i * d;
+    if (mul == acc_t(1)) {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]);
+    } else {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<acc_t>(x[a]) * mul;
+    }
+  });
+}
+
+// dst (cols x rows, row-major) = the transpose of the rows src[0..rows), each cols long; blocks of
+// 16 rows as below.
+inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i][a];
+  }
+}
+
+// dst (cols x rows) = src (rows x cols)^T, both row-major, in blocks of 16 rows so that each
+// output line is written whole while the 16 source rows sit in L1.
+template <typename acc_t>
+inline void transpose(acc_t* dst, const acc_t* src, int64_t rows, int64_t cols) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i * cols + a];
+  }
+}
+
+// dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
+                    int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
+  for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
+    scalar_t* y = dst + off;
+    const acc_t* x = src + i * d;
+    const acc_t r = row_scale ? row_scale[i] * mul : mul;
+    if (r == acc_t(1)) {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<scalar_t>(x[a]);
+    } else {
+      for (int64_t a = 0; a < d; ++a) y[a] = static_cast<scalar_t>(x[a] * r);
+    }
+  });
+}
+
+// Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
+// calling f(row pointer offset j0, bias pointer) for each run of keys with consecutive w: along
+// such a run the bias index drops by one per key (see bias_index).
+template <typename F>
+inline void for_bias_runs(const WindowGeometry& g, const WindowExtent& e, F&& f) {
+  for (int64_t i = 0; i < e.n; ++i) {
+    const Coord3 qc = local_coords(e, i);
+    int64_t j = i * e.n;
+    for (int64_t t = 0; t < e.et; ++t)
+      for (int64_t h = 0; h < e.eh; ++h, j += e.ew) f(j, bias_index(g, qc, Coord3{t, h, 0}), e.ew);
+  }
+}
+
+// Row loops: float32 uses the run-time dispatched SIMD loops; float64 (gradcheck, oracle
+// comparisons) plain loops with std::exp.
+struct RowsF {
+  const RowOps& ops = row_ops();
+  float max(const float* x, int64_t n) const { return ops.max(x, n); }
+  float exp_sum(float* x, int64_t n, float sub) const { return ops.exp_sum(x, n, sub); }
+  void exp(float* x, int64_t n, float sub) const { ops.exp(x, n, sub); }
+  void softmax_grad(float* p, const float* dp, int64_t n, float delta) const { ops.softmax_grad(p, dp, n, delta); }
+  float dot(const float* a, const float* b, int64_t n) const { return ops.dot(a, b, n); }
+};
+struct RowsD {
+  double max(const double* x, int64_t n) const {
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+  }
+  double exp_sum(double* x, int64_t n, double sub) const {
+    double s = 0;
+    for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - sub));
+    return s;
+  }
+  void exp(double* x, int64_t n, double sub) const {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+  }
+  void softmax_grad(double* p, const double* dp, int64_t n, double delta) const {
+    for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
+  }
+  double dot(const double* a, const double* b, int64_t n) const {
+    double s = 0;
+    for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+    return s;
+  }
+};
+template <typename acc_t>
+using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
+
+// Runs body(worker scratch, task) for every task in [0, ntasks); workers pull tasks from a
+// shared counter so partial windows do not unbalance the threads. Which thread runs a task
+// does not change its result. (Software prefetch of the next task's rows was tried and
+// measured no faster.) The region always opens with every thread, even for fewer
+// tasks: inside a parallel region the BLAS runs sequentially, so a GEMM's summation order
+// never depends on the thread count (with one thread, torch keeps MKL at one thread too).
+//
+// Calls with little work (flops below kInlineFlops, tens of microseconds) run on the calling
+// thread: waking a second thread costs more than it saves, and on a loaded machine a region's
+// barrier can wait for a descheduled thread for a whole scheduler slice. Their GEMMs are far
+// too small for the BLAS to thread, so the result is the same either way.
+constexpr double kInlineFlops = 4e6;
+
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& body) {
+  if (ntasks == 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = flops < kInlineFlops ? 1 : at::get_num_threads();
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t task = next++; task < ntasks; task = next++) body(scratch, task);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale_,
+                  const at::Tensor& bias, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
+  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
+  const acc_t scale = static_cast<acc_t>(scale_);
+  const Strides sq(q), sk(k), sv(v), so(out), sl(lse.unsqueeze(-1));
+  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  acc_t* lp = lse.mutable_data_ptr<acc_t>();
+  const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  const Rows<acc_t> rows;
+  const auto gemm_rows = row_ops().gemm;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  struct Task {
+    int64_t b, head;
+    WindowExtent e;
+  };
+  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
+  auto decode = [&](int64_t task) {
+    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+  };
+
+  run_tasks(
+      B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
+      [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d), nmax); },
+      [&](Scratch<acc_t>& buf, int64_t task) {
+        const Task t = decode(task);
+        const int64_t b = t.b, head = t.head, n = t.e.n;
+        const WindowExtent& e = t.e;
+        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
+        acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
+        // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
+        // the d outputs of a row instead of its n probabilities.
+        auto softmax = [&] {
+          if (bp) {
+            const acc_t* tb = bp + head * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) S[j + w] += tb[bi - w];
+            });
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            acc_t* row = S + i * n;
+            const acc_t m = rows.max(row, n);
+            const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
+            inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
+            row_lse[i] = m + std::log(sum);
+          }
+        };
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (gemm_rows) {
+            // float32 on the AVX-512 GEMM: q and v are read and out is written in place through
+            // row pointers; only K is copied, transposed, as the B operand of Q K^T.
+            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax;
+            float** orow = buf.out_rows.data();
+            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
+            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
+            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
+            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
+            transpose_rows(Kt, kr, n, d);
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{S, n}, scale);
+            softmax();
+            gemm_rows(false, n, d, n, InRows{S, n}, InRows{nullptr, 0, vr}, OutRows{nullptr, 0, orow, inv}, 1.f);
+            for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
+            return;
+          }
+        }
+        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
+        gather(O, kp, e, sk, b, head, d);         // K, row-major, in O's buffer until PV
+        transpose(Kt, O, n, d);
+        gather(V, vp, e, sv, b, head, d);
+        mm(n, n, d, Q, d, Kt, n, S, n);  // S = (scale Q) K^T
+        softmax();
+        mm(n, d, n, S, n, V, d, O, d);  // O = P V
+        scatter(op, O, e, so, b, head, d, acc_t(1), inv);
+        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
+      });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const WindowGeometry& g, double scale_,
+                   const at::Tensor& bias, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias_partial) {
+  const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
+  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
+  const acc_t scale = static_cast<acc_t>(scale_);
+  const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv), sl(lse.unsqueeze(-1));
+  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+  const scalar_t *op = out.const_data_ptr<scalar_t>(), *dop = dout.const_data_ptr<scalar_t>();
+  scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(), *dvp = dv.mutable_data_ptr<scalar_t>();
+  const acc_t* lp = lse.const_data_ptr<acc_t>();
+  const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
+  const Rows<acc_t> rows;
+  const auto gemm_rows = row_ops().gemm;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  struct Task {
+    int64_t b, head;
+    WindowExtent e;
+  };
+  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
+  auto decode = [&](int64_t task) {
+    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+  };
+
+  run_tasks(
+      B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
+      [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d), nmax); },
+      [&](Scratch<acc_t>& buf, int64_t task) {
+        const Task t = decode(task);
+        const int64_t b = t.b, head = t.head, n = t.e.n;
+        const WindowExtent& e = t.e;
+        acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
+        acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
+        acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
+        // P = exp(scale Q K^T + bias - lse) from the logits in P and the saved row statistics.
+        auto recompute_p = [&] {
+          if (bp) {
+            const acc_t* tb = bp + head * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) P[j + w] += tb[bi - w];
+            });
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            if (stat[i] == -inf) {  // fully masked row: P = 0
+              std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
+            } else {
+              rows.exp(P + i * n, n, stat[i]);
+            }
+          }
+        };
+        // dS = P o (dP - delta), in place of P, and this task's own partial bias table.
+        auto softmax_grad = [&] {
+          for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+          if (pp) {
+            acc_t* tb = pp + task * table;
+            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
+              for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
+            });
+          }
+        };
+        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (gemm_rows) {
+            // float32 on the AVX-512 GEMM: q, k, dO, out are read and dq, dk, dv written in
+            // place through row pointers; only K and V are copied, transposed, as B operands.
+            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax, **dor = vr + nmax;
+            const float** orow = dor + nmax;
+            float **dqr = buf.out_rows.data(), **dkr = dqr + nmax, **dvr = dkr + nmax;
+            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
+            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
+            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
+            for_tokens(e, sdo, b, head, [&](int64_t i, int64_t off) { dor[i] = dop + off; });
+            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
+            for_tokens(e, sdq, b, head, [&](int64_t i, int64_t off) { dqr[i] = dqp + off; });
+            for_tokens(e, sdk, b, head, [&](int64_t i, int64_t off) { dkr[i] = dkp + off; });
+            for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
+            transpose_rows(Kt, kr, n, d);
+            transpose_rows(Vt, vr, n, d);
+            for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dor[i], orow[i], d);
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{P, n}, scale);
+            recompute_p();
+            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, dor}, OutRows{nullptr, 0, dvr}, 1.f);  // P^T dO
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, dor}, InRows{Vt, n}, OutRows{dP, n}, 1.f);        // dO V^T
+            softmax_grad();
+            gemm_rows(false, n, d, n, InRows{P, n}, InRows{nullptr, 0, kr}, OutRows{nullptr, 0, dqr}, scale);  // dS K
+            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, qr}, OutRows{nullptr, 0, dkr}, scale);   // dS^T Q
+            return;
+          }
+        }
+        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
+        gather(K, kp, e, sk, b, head, d);
+        transpose(Kt, K, n, d);
+        gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
+        transpose(Vt, dQ, n, d);
+        gather(dO, dop, e, sdo, b, head, d);
+        // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
+        gather(dQ, op, e, so, b, head, d);
+        for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
+        mm(n, n, d, Q, d, Kt, n, P, n);  // logits
+        recompute_p();
+        mm(n, d, n, P, n, dO, d, dV, d, true);  // dV = P^T dO
+        mm(n, n, d, dO, d, Vt, n, dP, n);       // dP = dO V^T
+        softmax_grad();
+        mm(n, d, n, P, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
+        mm(n, d, n, P, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
+        scatter(dqp, dQ, e, sdq, b, head, d, scale);
+        scatter(dkp, dK, e, sdk, b, head, d);
+        scatter(dvp, dV, e, sdv, b, head, d);
+      });
+}
+
+WindowGeometry geometry(const at::Tensor& q, at::IntArrayRef window) {
+  return make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
+}
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The bias table in the accumulation type, contiguous (a few KiB; not a partitioned copy).
+at::Tensor bias_acc(const std::optional<at::Tensor>& bias, at::ScalarType acc) {
+  return bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               at::IntArrayRef window, double scale,
+                                               const std::optional<at::Tensor>& rel_pos_bias) {
+  const at::ScalarType acc = acc_type(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  const WindowGeometry g = geometry(q, window);
+  const at::Tensor bias = bias_acc(rel_pos_bias, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      forward_impl<double, double>(q, k, v, g, scale, bias, out, lse);
+    } else {
+      forward_impl<scalar_t, float>(q, k, v, g, scale, bias, out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
+    bool bias_requires_grad) {
+  const at::ScalarType acc = acc_type(q);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(q.sizes(), q.options());
+  at::Tensor dv = at::empty(q.sizes(), q.options());
+  const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
+  if (q.numel() == 0) {
+    return {dq, dk, dv, want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
+  }
+  const WindowGeometry g = geometry(q, window);
+  const at::Tensor bias = bias_acc(rel_pos_bias, acc);
+  const int64_t B = q.size(0), heads = q.size(4), nwin = num_windows(g), table = bias_table_size(g);
+  // One partial table per task, reduced below in a fixed order: no atomics, no dependence on
+  // which thread ran which task.
+  at::Tensor partial = want_dbias ? at::zeros({B * nwin, heads, table}, q.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention_backward", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      backward_impl<double, double>(grad_out, q, k, v, out, lse, g, scale, bias, dq, dk, dv, partial);
+    } else {
+      backward_impl<scalar_t, float>(grad_out, q, k, v, out, lse, g, scale, bias, dq, dk, dv, partial);
+    }
+  });
+  if (!want_dbias) return {dq, dk, dv, at::empty({0}, q.options())};
+  // dbias[h, r] = sum over (batch, window) of the partials, always in the same order.
+  at::Tensor dbias = at::empty({heads, table}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "walt::window_attention_dbias", [&] {
+    const scalar_t* pp = partial.const_data_ptr<scalar_t>();
+    scalar_t* dp = dbias.mutable_data_ptr<scalar_t>();
+    const int64_t tasks = B * nwin, entries = heads * table;
+    at::parallel_for(0, entries, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        scalar_t s = 0;
+        for (int64_t t = 0; t < tasks; ++t) s += pp[t * entries + r];
+        dp[r] = s;
+      }
+    });
+  });
+  return {dq, dk, dv, dbias.view(rel_pos_bias->sizes()).to(rel_pos_bias->scalar_type())};
+}
+
+}  // namespace walt::attn

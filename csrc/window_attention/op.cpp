@@ -1,0 +1,103 @@
+// Schemas of the window-attention ops and their CPU registration, with the argument checks:
+// each user mistake ends in one sentence naming the argument and what was expected.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "checks.h"
+#include "kernel.h"
+
+namespace walt::attn {
+namespace {
+
+void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 6 && x.sizes() == q.sizes(), "window_attention: ", name, " must have q's shape ", q.sizes(),
+              ", got ", x.sizes(), ".");
+  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "window_attention: ", name, " must have q's dtype ",
+              q.scalar_type(), ", got ", x.scalar_type(), ".");
+  TORCH_CHECK(x.device() == q.device(), "window_attention: ", name, " must be on q's device ", q.device(), ", got ",
+              x.device(), ".");
+  TORCH_CHECK(x.stride(5) == 1 || x.size(5) == 1, "window_attention: ", name,
+              " must have unit stride on its last dimension (d), got stride ", x.stride(5), ".");
+}
+
+}  // namespace
+
+void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef window,
+                        double scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.dim() == 6, "window_attention: q must be a 6-D tensor (B, T, H, W, heads, d), got ", q.dim(),
+              " dimensions.");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "window_attention: q must be float64, float32, bfloat16 or float16, got ", dt, ".");
+  TORCH_CHECK(q.size(5) >= 1, "window_attention: the head size d (q's last dimension) must be at least 1, got 0.");
+  check_like_q(q, q, "q");
+  check_like_q(q, k, "k");
+  check_like_q(q, v, "v");
+  TORCH_CHECK(window.size() == 3, "window_attention: window must have 3 entries (wt, wh, ww), got ", window.size(),
+              ".");
+  TORCH_CHECK(window[0] >= 1 && window[1] >= 1 && window[2] >= 1,
+              "window_attention: every window entry must be at least 1, got ", window, ".");
+  TORCH_CHECK(std::isfinite(scale), "window_attention: scale must be a finite number, got ", scale, ".");
+  if (bias.has_value()) {
+    const std::vector<int64_t> want{q.size(4), 2 * window[0] - 1, 2 * window[1] - 1, 2 * window[2] - 1};
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef(want), "window_attention: rel_pos_bias must have shape ",
+                at::IntArrayRef(want), " (heads, 2*wt-1, 2*wh-1, 2*ww-1 for the requested window), got ",
+                bias->sizes(), ".");
+    TORCH_CHECK(bias->scalar_type() == dt || bias->scalar_type() == at::kFloat,
+                "window_attention: rel_pos_bias must have q's dtype or float32, got ", bias->scalar_type(), ".");
+    TORCH_CHECK(bias->device() == q.device(), "window_attention: rel_pos_bias must be on q's device ", q.device(),
+                ", got ", bias->device(), ".");
+  }
+}
+
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window, double scale,
+                         const std::optional<at::Tensor>& rel_pos_bias) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  check_like_q(q, grad_out, "grad_out");
+  check_like_q(q, out, "out");
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 5), "window_attention: lse must have shape ", q.sizes().slice(0, 5),
+              " (B, T, H, W, heads), got ", lse.sizes(), ".");
+  TORCH_CHECK(lse.scalar_type() == acc, "window_attention: lse must be ", acc, " for ", q.scalar_type(),
+              " inputs, got ", lse.scalar_type(), ".");
+  TORCH_CHECK(lse.device() == q.device(), "window_attention: lse must be on q's device ", q.device(), ", got ",
+              lse.device(), ".");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           at::IntArrayRef window, double scale,
+                                           const std::optional<at::Tensor>& rel_pos_bias) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  return forward_cpu(q, k, v, window, scale, rel_pos_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
+    bool bias_requires_grad) {
+  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  return backward_cpu(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad);
+}
+
+}  // namespace
+}  // namespace walt::attn
+
+TORCH_LIBRARY_FRAGMENT(walt, m) {
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[3] window, float scale, Tensor? rel_pos_bias) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "int[3] window, float scale, Tensor? rel_pos_bias, bool bias_requires_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+}
+
+TORCH_LIBRARY_IMPL(walt, CPU, m) {
+  m.impl("window_attention", &walt::attn::forward);
+  m.impl("window_attention_backward", &walt::attn::backward);
+}

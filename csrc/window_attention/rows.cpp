@@ -1,0 +1,230 @@
+// See rows.h. The exp is Cephes' expf scheme: n = round(x log2 e), r = x - n ln 2 (split in two
+// constants for precision), exp(r) by a degree-7 polynomial, 1 + r + r^2 P(r) (~1 ulp on
+// [-ln2/2, ln2/2]), times 2^n (scalef on AVX-512, exponent bits on AVX2). Inputs are logits minus their row max (<= 0), so the upper
+// clamp never binds in practice; below -87.3 the true value is subnormal and we return 0, which
+// also maps -inf (masked logits) to exactly 0. NaN stays NaN.
+#include "rows.h"
+
+#include <cmath>
+
+#include "walt/cpu_features.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// GCC 12's AVX-512 headers seed masked intrinsics with _mm512_undefined_ps(), which its own
+// -Wuninitialized flags; the values are never read.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace walt::attn {
+namespace {
+
+constexpr float kExpHi = 88.0f;
+constexpr float kExpLo = -87.33654f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f;
+constexpr float kP1 = 1.3981999507e-3f;
+constexpr float kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f;
+constexpr float kP4 = 1.6666665459e-1f;
+constexpr float kP5 = 5.0000001201e-1f;
+
+// ---------------------------------------------------------------- baseline (any CPU)
+float max_base(const float* x, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+float exp_sum_base(float* x, int64_t n, float sub) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - sub);
+    s += x[j];
+  }
+  return s;
+}
+void exp_base(float* x, int64_t n, float sub) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+}
+void softmax_grad_base(float* p, const float* dp, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
+}
+float dot_base(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+#if defined(__x86_64__)
+// ---------------------------------------------------------------- AVX-512F
+#define WALT_AVX512 __attribute__((target("avx512f")))
+
+WALT_AVX512 inline __m512 exp16(__m512 x) {
+  // scalef applies 2^n without building exponent bits, so no clamping is needed; below
+  // kExpLo (and for -inf, where r would be NaN) the result is forced to 0.
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kP0);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
+WALT_AVX512 inline __mmask16 tail16(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+WALT_AVX512 float max_avx512(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + j));
+  }
+  return _mm512_reduce_max_ps(m);
+}
+WALT_AVX512 float exp_sum_avx512(float* x, int64_t n, float sub) {
+  const __m512 s = _mm512_set1_ps(sub);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 a = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), s));
+    const __m512 b = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), s));
+    _mm512_storeu_ps(x + j, a);
+    _mm512_storeu_ps(x + j + 16, b);
+    acc0 = _mm512_add_ps(acc0, a);
+    acc1 = _mm512_add_ps(acc1, b);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    const __m512 a = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s)));
+    _mm512_mask_storeu_ps(x + j, k, a);
+    acc0 = _mm512_add_ps(acc0, a);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+WALT_AVX512 void exp_avx512(float* x, int64_t n, float sub) {
+  const __m512 s = _mm512_set1_ps(sub);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    _mm512_mask_storeu_ps(x + j, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s)));
+  }
+}
+WALT_AVX512 void softmax_grad_avx512(float* p, const float* dp, int64_t n, float delta) {
+  const __m512 d = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), d);
+    _mm512_mask_storeu_ps(p + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j), g));
+  }
+}
+WALT_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA
+#define WALT_AVX2 __attribute__((target("avx2,fma")))
+
+WALT_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_set1_ps(kExpLo), _mm256_min_ps(_mm256_set1_ps(kExpHi), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// Lanes [0, left) active; masked loads read nothing outside the row.
+WALT_AVX2 inline __m256i tail8(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), lane);
+}
+
+WALT_AVX2 float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+WALT_AVX2 float max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  float r = -INFINITY;
+  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (float l : lanes) r = l > r ? l : r;
+  return r;
+}
+WALT_AVX2 float exp_sum_avx2(float* x, int64_t n, float sub) {
+  const __m256 s = _mm256_set1_ps(sub);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i k = tail8(n - j);
+    const __m256 a = _mm256_and_ps(_mm256_castsi256_ps(k), exp8(_mm256_sub_ps(_mm256_maskload_ps(x + j, k), s)));
+    _mm256_maskstore_ps(x + j, k, a);
+    acc = _mm256_add_ps(acc, a);
+  }
+  return hsum8(acc);
+}
+WALT_AVX2 void exp_avx2(float* x, int64_t n, float sub) {
+  const __m256 s = _mm256_set1_ps(sub);
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i k = tail8(n - j);
+    _mm256_maskstore_ps(x + j, k, exp8(_mm256_sub_ps(_mm256_maskload_ps(x + j, k), s)));
+  }
+}
+WALT_AVX2 void softmax_grad_avx2(float* p, const float* dp, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);  // auto-vectorised for AVX2
+}
+WALT_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256i k = tail8(n - j);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + j, k), _mm256_maskload_ps(b + j, k), acc);
+  }
+  return hsum8(acc);
+}
+#endif  // __x86_64__
+
+RowOps pick() {
+#if defined(__x86_64__)
+  if (cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rows_avx512};
+  if (cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, nullptr};
+#endif
+  return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, nullptr};
+}
+
+}  // namespace
+
+const RowOps& row_ops() {
+  static const RowOps ops = pick();
+  return ops;
+}
+
+}  // namespace walt::attn

@@ -1,0 +1,54 @@
+// Row loops of the float32 attention kernel (softmax and its backward) and its GEMM, compiled
+// for AVX-512, AVX2+FMA and a baseline and picked once at run time from the CPU's features. The build is
+// portable (no -march=native), so these are the only places that use wider vectors than SSE2.
+// One ISA gives one result: the same machine always reproduces the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace walt::attn {
+
+// The rows of a row-major float32 GEMM operand: row r at ptr[r] when ptr is set (window tokens
+// read in place from a strided tensor), else at base + r * ld.
+struct InRows {
+  const float* base;
+  int64_t ld;
+  const float* const* ptr = nullptr;
+  const float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
+};
+// The same for the output, plus an optional multiplier per row (the softmax's 1 / sum).
+struct OutRows {
+  float* base;
+  int64_t ld;
+  float* const* ptr = nullptr;
+  const float* scale = nullptr;
+  float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
+};
+
+struct RowOps {
+  const char* isa;
+  // max_j x[j]
+  float (*max)(const float* x, int64_t n);
+  // x[j] = exp(x[j] - sub) in place; returns sum_j x[j] (after exp). exp(-inf) is 0.
+  float (*exp_sum)(float* x, int64_t n, float sub);
+  // x[j] = exp(x[j] - sub) in place.
+  void (*exp)(float* x, int64_t n, float sub);
+  // p[j] = p[j] * (dp[j] - delta): the softmax backward, dS = P o (dP - rowsum(dO o O)).
+  void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
+  // sum_j a[j] * b[j]
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // C (m x N) = alpha op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T (A
+  // stored K x m, base form only); null where the kernel should call the BLAS instead (see
+  // gemm_avx512.cpp).
+  void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
+               float alpha);
+};
+
+#if defined(__x86_64__)
+void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
+                      const OutRows& C, float alpha);
+#endif
+
+const RowOps& row_ops();
+
+}  // namespace walt::attn

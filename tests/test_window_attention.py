@@ -1,0 +1,263 @@
+"""walt.ops.window_attention against the float64 oracle, its gradients, registration, determinism,
+argument checks and fusion (no tensor-level partition copies)."""
+import pytest
+import torch
+
+import walt  # noqa: F401
+from walt.ops import window_attention
+from walt.ops.reference import window_attention_reference, window_attention_sdpa
+
+LOW = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def make_inputs(shape, dtype=torch.float32, layout="fused", bias=False, window=None, seed=0):
+    """q, k, v (and a bias table) of `shape` = (B, T, H, W, heads, d) in one of three layouts:
+    "fused": views of one (B, T, H, W, 3, heads, d) qkv tensor, as a transformer block makes them;
+    "contiguous": three separate tensors; "strided": heads-first storage permuted to heads-last and
+    padded on d, so every stride but d's is unusual."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, W, heads, d = shape
+    if layout == "fused":
+        q, k, v = torch.randn(B, T, H, W, 3, heads, d, generator=g).to(dtype).unbind(4)
+    elif layout == "contiguous":
+        q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    elif layout == "strided":
+        q, k, v = (
+            torch.randn(B, heads, T, H, W, d + 3, generator=g).to(dtype)[..., :d].permute(0, 2, 3, 4, 1, 5)
+            for _ in range(3)
+        )
+    else:
+        raise AssertionError(layout)
+    table = None
+    if bias:
+        table = torch.randn(heads, *(2 * w - 1 for w in window), generator=g).to(dtype)
+    return q, k, v, table
+
+
+def oracle(q, k, v, window, bias=None, scale=None):
+    up = lambda x: None if x is None else x.detach().double()  # noqa: E731
+    return window_attention_reference(up(q), up(k), up(v), window, scale=scale, rel_pos_bias=up(bias))
+
+
+def max_err(a, b):
+    assert a.shape == b.shape
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# (shape (B, T, H, W, heads, d), window, bias, layout): a representative matrix, not a product.
+CASES = [
+    ((1, 2, 3, 4, 1, 8), (1, 1, 1), False, "fused"),  # every token its own window: out == v
+    ((2, 3, 6, 10, 3, 16), (1, 3, 5), True, "fused"),  # spatial window, divisible
+    ((1, 6, 2, 3, 1, 32), (3, 1, 1), True, "strided"),  # temporal window
+    ((1, 7, 11, 13, 3, 17), (3, 5, 7), True, "fused"),  # primes, odd window, odd d: partial on every axis
+    ((2, 5, 16, 16, 2, 64), (5, 8, 8), True, "fused"),  # WALT's spatiotemporal window
+    ((1, 5, 16, 13, 2, 32), (5, 8, 8), False, "contiguous"),  # non-divisible on one axis
+    ((1, 4, 8, 12, 1, 128), (2, 4, 4), True, "strided"),  # d = 128
+    ((2, 2, 3, 3, 3, 16), (5, 8, 8), True, "fused"),  # input smaller than the window
+    ((1, 5, 9, 7, 3, 8), (2, 4, 4), False, "strided"),  # non-divisible on all axes
+    ((0, 2, 4, 4, 1, 8), (2, 2, 2), True, "fused"),  # empty batch
+]
+
+
+def case_id(c):
+    shape, window, bias, layout = c
+    return f"{'x'.join(map(str, shape))}-w{''.join(map(str, window))}-{'bias' if bias else 'nobias'}-{layout}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float64_matches_oracle(case):
+    shape, window, bias, layout = case
+    q, k, v, table = make_inputs(shape, torch.float64, layout, bias, window)
+    out = window_attention(q, k, v, window, rel_pos_bias=table)
+    assert out.shape == q.shape and out.dtype == torch.float64 and out.is_contiguous()
+    torch.testing.assert_close(out, oracle(q, k, v, window, table), rtol=1e-12, atol=1e-12)
+
+
+def test_window_of_one_token_returns_v():
+    q, k, v, _ = make_inputs((1, 2, 3, 4, 2, 8), torch.float32)
+    assert torch.equal(window_attention(q, k, v, (1, 1, 1)), v)
+
+
+def test_custom_scale_and_windows_are_isolated():
+    q, k, v, _ = make_inputs((1, 4, 6, 6, 2, 16), torch.float64, "contiguous")
+    out = window_attention(q, k, v, (2, 3, 3), scale=0.3)
+    torch.testing.assert_close(out, oracle(q, k, v, (2, 3, 3), scale=0.3), rtol=1e-12, atol=1e-12)
+    # Changing keys and values of one window changes that window's outputs and nothing else.
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :2, :3, :3] += 1.0
+    v2[:, :2, :3, :3] -= 1.0
+    out2 = window_attention(q, k2, v2, (2, 3, 3), scale=0.3)
+    changed = (out2 != out).any(dim=(-1, -2))[0]
+    inside = torch.zeros(4, 6, 6, dtype=torch.bool)
+    inside[:2, :3, :3] = True
+    assert torch.equal(changed, inside)
+
+
+# Low precision: the kernel's error against the float64 oracle must stay within twice the error
+# of the same-precision PyTorch path (window_attention_sdpa in that dtype) plus a floor of a few
+# ulps of the dtype at the outputs' magnitude (~1), the rule flash-attention's tests use.
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+LOW_CASES = [CASES[1], CASES[3], CASES[4], CASES[5], CASES[8]]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", LOW_CASES, ids=case_id)
+def test_low_precision_forward(case, dtype):
+    shape, window, bias, layout = case
+    q, k, v, table = make_inputs(shape, dtype, layout, bias, window)
+    ref = oracle(q, k, v, window, table)
+    out = window_attention(q, k, v, window, rel_pos_bias=table)
+    assert out.dtype == dtype
+    base = window_attention_sdpa(q, k, v, window, rel_pos_bias=table)
+    assert max_err(out, ref) <= 2 * max_err(base, ref) + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[9]], ids=case_id)
+def test_backward_matches_oracle(case, dtype):
+    shape, window, bias, layout = case
+    q, k, v, table = make_inputs(shape, dtype, layout, bias, window)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def grads(fn, cast):
+        leaves = [cast(x).requires_grad_() for x in (q, k, v)] + ([cast(table).requires_grad_()] if bias else [])
+        out = fn(*leaves[:3], window, rel_pos_bias=leaves[3] if bias else None)
+        out.backward(cast(grad))
+        return [x.grad for x in leaves]
+
+    ref = grads(window_attention_reference, lambda x: x.detach().double())
+    got = grads(window_attention, lambda x: x.detach().clone())
+    # (SDPA leaves the bias gradient of an empty batch unset: it is zero.)
+    base = [torch.zeros_like(r) if b is None else b for b, r in zip(grads(window_attention_sdpa, lambda x: x.detach().clone()), ref)]
+    for name, g, r, b in zip(("dq", "dk", "dv", "dbias"), got, ref, base):
+        assert g.dtype == dtype and g.shape == r.shape, name
+        # flash-attention's rule for gradients: 3x the same-precision error plus a floor.
+        scale = max(max_err(r, torch.zeros_like(r)), 1.0)
+        assert max_err(g, r) <= 3 * max_err(b, r) + FLOOR[dtype] * scale, name
+
+
+@pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
+def test_gradcheck_float64(bias):
+    # A 3x4x5 grid with 2x3x3 windows: partial windows on every axis.
+    q, k, v, table = make_inputs((1, 3, 4, 5, 2, 4), torch.float64, "fused", bias, (2, 3, 3), seed=3)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    if bias:
+        leaves.append(table.detach().clone().requires_grad_())
+    fn = lambda q, k, v, *b: window_attention(q, k, v, (2, 3, 3), rel_pos_bias=b[0] if b else None)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_opcheck_both_ops():
+    q, k, v, table = make_inputs((1, 3, 4, 5, 2, 8), torch.float32, "fused", True, (2, 3, 3), seed=4)
+    q, k, v, table = (x.detach().requires_grad_() for x in (q, k, v, table))
+    torch.library.opcheck(torch.ops.walt.window_attention.default, (q, k, v, [2, 3, 3], 0.35, table))
+    torch.library.opcheck(torch.ops.walt.window_attention.default, (q.detach(), k.detach(), v.detach(), [2, 3, 3], 0.35, None))
+    out, lse = torch.ops.walt.window_attention(q, k, v, [2, 3, 3], 0.35, table)
+    for bias_requires_grad in (True, False):
+        args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, [2, 3, 3], 0.35, table.detach(), bias_requires_grad)
+        torch.library.opcheck(torch.ops.walt.window_attention_backward.default, args)
+
+
+class TinyBlock(torch.nn.Module):
+    def __init__(self, dim=16, heads=2, window=(2, 3, 3)):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(heads, *(2 * w - 1 for w in window)))
+
+    def forward(self, x):
+        B, T, H, W, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, H, W, 3, self.heads, C // self.heads).unbind(4)
+        o = window_attention(q, k, v, self.window, rel_pos_bias=self.bias)
+        return self.proj(o.reshape(B, T, H, W, C))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch.manual_seed(0)
+    block = TinyBlock()
+    x = torch.randn(2, 3, 4, 5, 16)
+    eager_out = block(x)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip((p.grad for p in block.parameters()), eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_bitwise_deterministic_across_runs_and_thread_counts():
+    q, k, v, table = make_inputs((2, 5, 9, 7, 3, 16), torch.float32, "fused", True, (3, 4, 4), seed=5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+
+    def run():
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, table)]
+        out = window_attention(*leaves[:3], (3, 4, 4), rel_pos_bias=leaves[3])
+        out.backward(grad)
+        return [out.detach()] + [x.grad for x in leaves]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = run(), run()
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, second, single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _expect(exc, match, fn):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, table = make_inputs((1, 2, 4, 4, 2, 8), torch.float32, "contiguous", True, (2, 2, 2))
+    w = (2, 2, 2)
+    _expect(ValueError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions", lambda: window_attention(q[0], k[0], v[0], w))
+    _expect(ValueError, r"k must have q's shape \(1, 2, 4, 4, 2, 8\), got \(1, 2, 4, 3, 2, 8\)", lambda: window_attention(q, k[:, :, :, :3], v, w))
+    _expect(TypeError, r"v must have q's dtype torch.float32, got torch.float64", lambda: window_attention(q, k, v.double(), w))
+    _expect(TypeError, r"q must be float64, float32, bfloat16 or float16, got torch.int64", lambda: window_attention(q.long(), k.long(), v.long(), w))
+    _expect(ValueError, r"k must be on q's device cpu, got meta", lambda: window_attention(q, k.to("meta"), v, w))
+    _expect(ValueError, r"v must have unit stride on its last dimension \(d\), got stride 2", lambda: window_attention(q, k, torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], w))
+    _expect(ValueError, r"every window entry must be at least 1, got \(2, 0, 2\)", lambda: window_attention(q, k, v, (2, 0, 2)))
+    _expect(ValueError, r"window must have 3 entries \(wt, wh, ww\), got 2", lambda: window_attention(q, k, v, (2, 2)))
+    _expect(TypeError, r"window must be a sequence of 3 integers", lambda: window_attention(q, k, v, 2))
+    _expect(ValueError, r"rel_pos_bias must have shape \(2, 3, 3, 3\) .* got \(2, 3, 3\)", lambda: window_attention(q, k, v, w, rel_pos_bias=table[..., 0]))
+    _expect(ValueError, r"rel_pos_bias must have shape \(2, 3, 3, 3\) .* got \(2, 5, 5, 5\)", lambda: window_attention(q, k, v, w, rel_pos_bias=torch.zeros(2, 5, 5, 5)))
+    _expect(TypeError, r"rel_pos_bias must have q's dtype or float32, got torch.float64", lambda: window_attention(q, k, v, w, rel_pos_bias=table.double()))
+    _expect(TypeError, r"scale must be a number or None, got str", lambda: window_attention(q, k, v, w, scale="0.5"))
+    # The op itself checks too (callers that bypass the Python wrapper get the same sentences).
+    op = torch.ops.walt.window_attention
+    _expect(RuntimeError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions", lambda: op(q[0], k[0], v[0], [2, 2, 2], 0.5, None))
+    _expect(RuntimeError, r"k must have q's shape \[1, 2, 4, 4, 2, 8\], got \[1, 2, 4, 3, 2, 8\]", lambda: op(q, k[:, :, :, :3], v, [2, 2, 2], 0.5, None))
+    _expect(RuntimeError, r"q must have unit stride on its last dimension \(d\), got stride 2", lambda: op(torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], k, v, [2, 2, 2], 0.5, None))
+    _expect(RuntimeError, r"every window entry must be at least 1, got \[2, -1, 2\]", lambda: op(q, k, v, [2, -1, 2], 0.5, None))
+    _expect(RuntimeError, r"rel_pos_bias must have shape \[2, 3, 3, 3\]", lambda: op(q, k, v, [2, 2, 2], 0.5, torch.zeros(2, 3, 3)))
+    out, lse = op(q, k, v, [2, 2, 2], 0.5, None)
+    bwd = torch.ops.walt.window_attention_backward
+    _expect(RuntimeError, r"lse must have shape \[1, 2, 4, 4, 2\] \(B, T, H, W, heads\), got \[1, 2, 4, 4\]", lambda: bwd(out, q, k, v, out, lse[..., 0], [2, 2, 2], 0.5, None, False))
+    _expect(RuntimeError, r"lse must be Float for Float inputs, got Double", lambda: bwd(out, q, k, v, out, lse.double(), [2, 2, 2], 0.5, None, False))
+    _expect(RuntimeError, r"grad_out must have q's shape", lambda: bwd(out[:, :1], q, k, v, out, lse, [2, 2, 2], 0.5, None, False))
+
+
+def test_profiler_shows_one_fused_call_and_no_copies():
+    q, k, v, table = make_inputs((1, 5, 9, 7, 2, 16), torch.float32, "fused", True, (5, 8, 8))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, table)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = window_attention(*leaves[:3], (5, 8, 8), rel_pos_bias=leaves[3])
+    names = [e.name for e in prof.events()]
+    assert names.count("walt::window_attention") == 1
+    copies = {"aten::permute", "aten::copy_", "aten::constant_pad_nd", "aten::pad", "aten::contiguous", "aten::clone", "aten::reshape", "aten::_to_copy"}
+    assert not copies & set(names), sorted(copies & set(names))
+    # The backward is one fused call as well.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(torch.ones_like(out))
+    names = [e.name for e in prof.events()]
+    assert names.count("walt::window_attention_backward") == 1
+    assert not {"aten::permute", "aten::constant_pad_nd", "aten::pad", "aten::contiguous", "aten::_to_copy"} & set(names)

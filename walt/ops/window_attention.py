@@ -1,0 +1,115 @@
+"""3D windowed attention: `torch.ops.walt.window_attention` with autograd and fake kernels.
+
+Semantics are those of `walt.ops.reference.window_attention_reference`; see that docstring.
+The kernel reads q, k, v in place (any strides, unit stride on d), so views of one fused qkv
+projection need no copy.
+"""
+import torch
+
+__all__ = ["window_attention"]
+
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
+    """Attention within non-overlapping 3D windows.
+
+    q, k, v: (B, T, H, W, heads, d), same shape, dtype and device, unit stride on d.
+    window: (wt, wh, ww), each >= 1; clamped to (T, H, W); partial windows at the far edge attend
+    among their valid tokens only. scale: logit scale, default d**-0.5. rel_pos_bias: optional
+    table (heads, 2wt-1, 2wh-1, 2ww-1) for the requested window, q's dtype or float32; it gets a
+    gradient when it requires one. Returns a contiguous tensor shaped like q.
+    """
+    window = _check(q, k, v, window, scale, rel_pos_bias)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, _ = torch.ops.walt.window_attention(q, k, v, window, float(scale), rel_pos_bias)
+    return out
+
+
+def _check(q, k, v, window, scale, rel_pos_bias):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"window_attention: {name} must be a torch.Tensor, got {type(x).__name__}.")
+    if q.dim() != 6:
+        raise ValueError(f"window_attention: q must be a 6-D tensor (B, T, H, W, heads, d), got {q.dim()} dimensions.")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"window_attention: q must be float64, float32, bfloat16 or float16, got {q.dtype}.")
+    if q.shape[-1] < 1:
+        raise ValueError("window_attention: the head size d (q's last dimension) must be at least 1, got 0.")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"window_attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}.")
+        if x.dtype != q.dtype:
+            raise TypeError(f"window_attention: {name} must have q's dtype {q.dtype}, got {x.dtype}.")
+        if x.device != q.device:
+            raise ValueError(f"window_attention: {name} must be on q's device {q.device}, got {x.device}.")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1 and x.shape[-1] != 1:
+            raise ValueError(
+                f"window_attention: {name} must have unit stride on its last dimension (d), got stride {x.stride(-1)}."
+            )
+    try:
+        window = [int(w) for w in window]
+    except (TypeError, ValueError):
+        raise TypeError(f"window_attention: window must be a sequence of 3 integers (wt, wh, ww), got {window!r}.") from None
+    if len(window) != 3:
+        raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(window)}.")
+    if min(window) < 1:
+        raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(window)}.")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"window_attention: scale must be a number or None, got {type(scale).__name__}.")
+    if rel_pos_bias is not None:
+        want = (q.shape[4], 2 * window[0] - 1, 2 * window[1] - 1, 2 * window[2] - 1)
+        if not isinstance(rel_pos_bias, torch.Tensor):
+            raise TypeError(f"window_attention: rel_pos_bias must be a torch.Tensor or None, got {type(rel_pos_bias).__name__}.")
+        if tuple(rel_pos_bias.shape) != want:
+            raise ValueError(
+                f"window_attention: rel_pos_bias must have shape {want} (heads, 2*wt-1, 2*wh-1, 2*ww-1 for the "
+                f"requested window), got {tuple(rel_pos_bias.shape)}."
+            )
+        if rel_pos_bias.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"window_attention: rel_pos_bias must have q's dtype or float32, got {rel_pos_bias.dtype}.")
+        if rel_pos_bias.device != q.device:
+            raise ValueError(f"window_attention: rel_pos_bias must be on q's device {q.device}, got {rel_pos_bias.device}.")
+    return window
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("walt::window_attention")
+def _(q, k, v, window, scale, rel_pos_bias):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:5], dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("walt::window_attention_backward")
+def _(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
+    if rel_pos_bias is not None and bias_requires_grad:
+        dbias = rel_pos_bias.new_empty(rel_pos_bias.shape)
+    else:
+        dbias = q.new_empty((0,))
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, window, scale, rel_pos_bias = inputs
+    out, lse = output
+    ctx.window, ctx.scale = window, scale
+    ctx.bias_requires_grad = rel_pos_bias is not None and ctx.needs_input_grad[5]
+    ctx.save_for_backward(q, k, v, out, lse, rel_pos_bias)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, rel_pos_bias = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:  # e.g. expanded from a sum(); the kernel reads d-vectors in place
+        grad_out = grad_out.contiguous()
+    dq, dk, dv, dbias = torch.ops.walt.window_attention_backward(
+        grad_out, q, k, v, out, lse, ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad
+    )
+    return dq, dk, dv, None, None, dbias if ctx.bias_requires_grad else None
+
+
+torch.library.register_autograd("walt::window_attention", _backward, setup_context=_setup_context)
