@@ -2,7 +2,7 @@
 PYTHON ?= python
 BUILD_DIR ?= build/cmake
 
-.PHONY: install build test cpp-test pytest bench clean
+.PHONY: install build test cpp-test pytest bench cuda-compile clean
 
 install:
 	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
@@ -24,6 +24,23 @@ pytest:
 bench:
 	$(PYTHON) bench/attention.py
 	$(PYTHON) bench/noise.py
+
+# Compile and assemble every CUDA kernel for A100 (sm_80) and Hopper (sm_90a) with this machine's
+# nvcc; no GPU needed. The .cu files are torch-free, so nothing but nvcc and csrc/include is used.
+# Any warning fails the build.
+NVCC ?= nvcc
+CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
+NVCC_CHECK_FLAGS = -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr $(CUDA_GENCODE) \
+	-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Icsrc/include
+CU_SOURCES := $(shell find csrc -name '*.cu' | sort)
+CU_OBJECTS := $(patsubst csrc/%.cu,build/cuda-compile/%.o,$(CU_SOURCES))
+
+cuda-compile: $(CU_OBJECTS)
+	@echo "cuda-compile: $(words $(CU_SOURCES)) CUDA source(s) compiled for sm_80 and sm_90a without warnings"
+
+build/cuda-compile/%.o: csrc/%.cu $(shell find csrc -name '*.h' -o -name '*.cuh')
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_CHECK_FLAGS) -I$(dir $<) -c $< -o $@
 
 clean:
 	rm -rf build walt/_C*.so *.egg-info

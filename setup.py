@@ -1,7 +1,9 @@
 """Build of walt._C: the two fused ops (window attention, noise injection) as torch custom ops.
 
-CPU sources are always built. CUDA sources (csrc/**/*.cu) are added when torch was built with
-CUDA and nvcc is found, or when WALT_FORCE_CUDA=1; WALT_FORCE_CUDA=0 leaves them out.
+CPU sources (csrc/**/*.cpp) are always built. CUDA sources are added when torch was built with
+CUDA and nvcc is found, or when WALT_FORCE_CUDA=1; WALT_FORCE_CUDA=0 leaves them out. They are the
+torch-free kernels (csrc/**/*.cu, which `make cuda-compile` checks with nvcc alone) and the torch
+glue that registers them for the CUDA dispatch key (csrc/**/*_cuda.cpp).
 WALT_NATIVE=1 adds -march=native (off by default: the wheel must run on any x86-64/aarch64;
 the hot loops pick AVX2/AVX-512 at run time instead).
 """
@@ -28,8 +30,9 @@ def _sources(pattern):
 
 
 with_cuda = _want_cuda()
-cpp_sources = _sources("*.cpp")
-cuda_sources = _sources("*.cu") if with_cuda else []
+cuda_glue = _sources("*_cuda.cpp")
+cpp_sources = [s for s in _sources("*.cpp") if s not in cuda_glue]
+cuda_sources = cuda_glue + _sources("*.cu") if with_cuda else []
 
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
 if os.environ.get("WALT_NATIVE") == "1":

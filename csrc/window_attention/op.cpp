@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
 #include "kernel.h"
 
 namespace walt::attn {
@@ -24,8 +25,10 @@ void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
               " must have unit stride on its last dimension (d), got stride ", x.stride(5), ".");
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef window, double scale,
-                  const std::optional<at::Tensor>& bias) {
+}  // namespace
+
+void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef window,
+                        double scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(q.dim() == 6, "window_attention: q must be a 6-D tensor (B, T, H, W, heads, d), got ", q.dim(),
               " dimensions.");
   const auto dt = q.scalar_type();
@@ -57,18 +60,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           at::IntArrayRef window, double scale,
-                                           const std::optional<at::Tensor>& rel_pos_bias) {
-  check_inputs(q, k, v, window, scale, rel_pos_bias);
-  return forward_cpu(q, k, v, window, scale, rel_pos_bias);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
-    bool bias_requires_grad) {
-  check_inputs(q, k, v, window, scale, rel_pos_bias);
+void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window, double scale,
+                         const std::optional<at::Tensor>& rel_pos_bias) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
   check_like_q(q, grad_out, "grad_out");
   check_like_q(q, out, "out");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -78,6 +73,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               " inputs, got ", lse.scalar_type(), ".");
   TORCH_CHECK(lse.device() == q.device(), "window_attention: lse must be on q's device ", q.device(), ", got ",
               lse.device(), ".");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           at::IntArrayRef window, double scale,
+                                           const std::optional<at::Tensor>& rel_pos_bias) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  return forward_cpu(q, k, v, window, scale, rel_pos_bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
+    bool bias_requires_grad) {
+  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
   return backward_cpu(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad);
 }
 

@@ -126,9 +126,11 @@ WALT_PHILOX_INLINE philox_u32x4 philox4x32_round(philox_u32x4 c, uint32_t k0, ui
 // Philox4x32-10 of `counter` under the key (k0, k1).
 WALT_PHILOX_INLINE philox_u32x4 philox4x32_10(philox_u32x4 c, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
-#if defined(__CUDACC__)
+// Device code unrolls with nvcc's pragma, host g++ with its own; nvcc's host pass gets neither
+// (its host compiler would warn about the device pragma).
+#if defined(__CUDA_ARCH__)
 #pragma unroll
-#elif defined(__GNUC__) && !defined(__clang__)
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #pragma GCC unroll 10
 #endif
   for (int r = 0; r < 10; ++r) {

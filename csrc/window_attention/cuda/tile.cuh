@@ -1,0 +1,173 @@
+// Warp-level building blocks of the tensor-core window-attention kernels (sm_80+): asynchronous
+// 16-byte gathers of window rows into shared memory, ldmatrix loads and m16n8k16 MMAs with float32
+// accumulation, for float16 and bfloat16.
+//
+// Fragment layout of mma.m16n8k16 (PTX ISA), lane = 4 g + c:
+//   A (16x16, row): a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
+//   B (16x8,  col): b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
+//   C (16x8, f32) : c0,c1 = C[g][2c..2c+1], c2,c3 = C[g+8][2c..2c+1]
+// So the C fragments of two adjacent 8-column tiles, packed to 16 bits, are the A fragment of the
+// next product: P never leaves registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "launch.h"
+#include "walt/window_geometry.h"
+
+namespace walt::attn::cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTileRows = 64;  // query rows per CTA (16 per warp) and keys per step
+constexpr int kPad = 8;        // elements of padding per shared row: ldmatrix rows hit distinct banks
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename Elem>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values, the first in the low half.
+template <typename Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// A fragment of rows [row0, row0+16) x cols [col0, col0+16) of a row-major shared tile.
+template <typename Elem>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const Elem* tile, int ld, int row0, int col0, int lane) {
+  ldmatrix_x4(a, tile + (row0 + (lane & 15)) * ld + col0 + (lane >> 4) * 8);
+}
+
+// B fragments of two adjacent 8-column tiles for B = X^T, X row-major in shared memory with
+// rows = B's columns (n) and cols = B's rows (k): rows [n0, n0+16) x cols [k0, k0+16).
+// b[0], b[1] serve columns n0..n0+7; b[2], b[3] serve n0+8..n0+15.
+template <typename Elem>
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const Elem* tile, int ld, int n0, int k0, int lane) {
+  ldmatrix_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8);
+}
+
+// B fragments of two adjacent 8-column tiles for B = X, X row-major in shared memory with
+// rows = B's rows (k) and cols = B's columns (n): rows [k0, k0+16) x cols [n0, n0+16).
+template <typename Elem>
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const Elem* tile, int ld, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8);
+}
+
+// Window-local coordinates of token `local`: walt::local_coords in 32-bit arithmetic (a window
+// holds far fewer than 2^31 tokens), since 64-bit division is slow on the GPU.
+__device__ __forceinline__ void local_coords32(const WindowExtent& e, int local, int& t, int& h, int& w) {
+  const int ew = static_cast<int>(e.ew), eh = static_cast<int>(e.eh);
+  w = local % ew;
+  h = (local / ew) % eh;
+  t = local / (ew * eh);
+}
+
+// Element offset of token `local` of window extent `e` in batch b.
+__device__ __forceinline__ int64_t token_offset(const WindowExtent& e, int local, const Strides5& s, int64_t b) {
+  int t, h, w;
+  local_coords32(e, local, t, h, w);
+  return b * s.b + (e.start.t + t) * s.t + (e.start.h + h) * s.h + (e.start.w + w) * s.w;
+}
+
+// Flat (B, T, H, W) index of token `local`, for per-token arrays such as the logsumexp.
+__device__ __forceinline__ int64_t token_index(const WindowGeometry& g, const WindowExtent& e, int local, int64_t b) {
+  int t, h, w;
+  local_coords32(e, local, t, h, w);
+  return ((b * g.T + e.start.t + t) * g.H + e.start.h + h) * g.W + e.start.w + w;
+}
+
+// Position of a window-local token in the bias table's flat index, up to a constant: the index of
+// the pair (a, b) is bias_center + bias_pos(a) - bias_pos(b) (walt/window_geometry.h's bias_index
+// is affine in each coordinate).
+__device__ __forceinline__ int bias_pos(const WindowGeometry& g, const WindowExtent& e, int local) {
+  int t, h, w;
+  local_coords32(e, local, t, h, w);
+  return (t * static_cast<int>(2 * g.rh - 1) + h) * static_cast<int>(2 * g.rw - 1) + w;
+}
+__device__ __forceinline__ int bias_center(const WindowGeometry& g) {
+  return static_cast<int>(((g.rt - 1) * (2 * g.rh - 1) + (g.rh - 1)) * (2 * g.rw - 1) + (g.rw - 1));
+}
+
+// Gathers rows [row0, row0 + kTileRows) of a window (rows >= n are zero) into a shared tile of
+// kTileRows x (D + kPad) elements, one 16-byte cp.async per thread per step.
+template <typename Elem, int D>
+__device__ __forceinline__ void gather_rows(Elem* tile, const Elem* base, const WindowExtent& e, int row0,
+                                            const Strides5& s, int64_t b, int64_t head) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int i = threadIdx.x; i < kTileRows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const int local = row0 + r;
+    const bool valid = local < e.n;
+    const Elem* src = valid ? base + token_offset(e, local, s, b) + head * s.head + c * 8 : base;
+    cp_async_16(tile + r * (D + kPad) + c * 8, src, valid);
+  }
+}
+
+// (batch, window, head) of a flat task index, the head fastest.
+struct Task {
+  int64_t b, win, head;
+};
+__device__ __forceinline__ Task decode_task(int64_t task, int64_t heads, int64_t windows) {
+  Task t;
+  t.head = task % heads;
+  task /= heads;
+  t.win = task % windows;
+  t.b = task / windows;
+  return t;
+}
+
+}  // namespace walt::attn::cuda
