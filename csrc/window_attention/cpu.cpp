@@ -131,7 +131,8 @@ inline void prefetch_rows(T* const* rows, int64_t lo, int64_t hi, int64_t cols) 
 
 // dst (cols x rows, row-major) = the transpose of the rows src[0..rows), each cols long; blocks of
 // 16 rows as below, the next block's rows requested while this one is copied, along with the
-// same rows of `next` if given (the rows the following GEMM reads in place).
+// same rows of `next` if given (the rows the following GEMM reads in place). Only the AVX-512
+// path reads rows in place, so whole 16 x 16 blocks go through the register transpose.
 inline void transpose_rows(float* dst, const float* const* src, int64_t rows, int64_t cols,
                            const float* const* next) {
   prefetch_rows(src, 0, std::min<int64_t>(16, rows), cols);
@@ -139,7 +140,12 @@ inline void transpose_rows(float* dst, const float* const* src, int64_t rows, in
     const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
     prefetch_rows(src, i1, std::min<int64_t>(i1 + 16, rows), cols);
     if (next) prefetch_rows(next, i0, i1, cols);
-    for (int64_t a = 0; a < cols; ++a)
+    int64_t a0 = 0;
+#if defined(__x86_64__)
+    if (i1 - i0 == 16)
+      for (; a0 + 16 <= cols; a0 += 16) transpose16_avx512(src + i0, a0, dst + a0 * rows + i0, rows);
+#endif
+    for (int64_t a = a0; a < cols; ++a)
       for (int64_t i = i0; i < i1; ++i) dst[a * rows + i] = src[i][a];
   }
 }

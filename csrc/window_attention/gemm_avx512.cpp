@@ -34,10 +34,10 @@ constexpr int kNR = 64;  // columns per register tile: four zmm
 // cr: the MR output rows, already offset to the tile's first column; mul: each output row's
 // multiplier.
 template <int MR, bool TA, bool BP, bool FULL>
-__attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* const* ar, const float* at, int64_t lda,
-                                                      const float* bbase, int64_t ldb, const float* const* bptr,
-                                                      int64_t j, float* const* cr, const float* mul,
-                                                      const __mmask16* m) {
+__attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, const float* const* ar, const float* at,
+                                                      int64_t lda, const float* bbase, int64_t ldb,
+                                                      const float* const* bptr, int64_t j, float* const* cr,
+                                                      const float* mul, const __mmask16* m, bool accumulate) {
   // Every loop over r is fully unrolled so the accumulators live in registers.
   const float* a[MR];
 #pragma GCC unroll 4
@@ -45,7 +45,7 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* c
   __m512 c[MR][4];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const float* b = BP ? bptr[k] + j : bbase + k * ldb + j;
     __m512 bv[4];
 #pragma GCC unroll 4
@@ -62,56 +62,97 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* c
     const __m512 s = _mm512_set1_ps(mul[r]);
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
+      float* dst = cr[r] + 16 * q;
       if (FULL) {
-        _mm512_storeu_ps(cr[r] + 16 * q, _mm512_mul_ps(c[r][q], s));
+        const __m512 x = _mm512_mul_ps(c[r][q], s);
+        _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), x) : x);
       } else {
-        _mm512_mask_storeu_ps(cr[r] + 16 * q, m[q], _mm512_mul_ps(c[r][q], s));
+        const __m512 x = _mm512_mul_ps(c[r][q], s);
+        _mm512_mask_storeu_ps(dst, m[q], accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m[q], dst), x) : x);
       }
     }
   }
 }
 
+// Rows [i, i + MR) x columns [j, j + 64) of C, over k in [k0, k1).
 template <int MR, bool TA, bool BP>
-__attribute__((target("avx512f"))) void row_block(int64_t i, int64_t N, int64_t K, const InRows& A, const InRows& B,
-                                                 const OutRows& C, float alpha) {
+__attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t k0, int64_t k1, int64_t N,
+                                                 const InRows& A, const InRows& B, const OutRows& C, float alpha) {
   const float* ar[MR];
   float* cr[MR];
   float mul[MR];
   for (int r = 0; r < MR; ++r) {
     ar[r] = TA ? nullptr : A.row(i + r);
     mul[r] = C.scale ? alpha * C.scale[i + r] : alpha;
+    cr[r] = C.row(i + r) + j;
   }
   const float* at = TA ? A.base + i : nullptr;
-  for (int64_t j = 0; j < N; j += kNR) {
-    for (int r = 0; r < MR; ++r) cr[r] = C.row(i + r) + j;
-    const int64_t left = N - j;
-    if (left >= kNR) {
-      tile<MR, TA, BP, true>(K, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, nullptr);
-    } else {
-      __mmask16 m[4];
-      for (int q = 0; q < 4; ++q) {
-        const int64_t in = left - 16 * q;  // columns of this vector that exist
-        m[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
-      }
-      tile<MR, TA, BP, false>(K, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, m);
+  const bool accumulate = k0 > 0;
+  const int64_t left = N - j;
+  if (left >= kNR) {
+    tile<MR, TA, BP, true>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, nullptr, accumulate);
+  } else {
+    __mmask16 m[4];
+    for (int q = 0; q < 4; ++q) {
+      const int64_t in = left - 16 * q;  // columns of this vector that exist
+      m[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
+    tile<MR, TA, BP, false>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, m, accumulate);
   }
 }
+
+// Blocked so that the B panel a tile streams through, kKC rows x 64 columns (16 KiB), stays in
+// L1 while every row block of C passes over it: k blocks outermost, then 64-column panels, then
+// rows. A window's K = n operand (up to 320 x 64 floats) would not fit L1 whole; later k blocks
+// add into C, so the summation order is fixed by the blocking alone.
+constexpr int64_t kKC = 64;
 
 template <bool TA, bool BP>
 __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                                             const OutRows& C, float alpha) {
-  int64_t i = 0;
-  for (; i + kMR <= m; i += kMR) row_block<kMR, TA, BP>(i, N, K, A, B, C, alpha);
-  switch (m - i) {
-    case 3: row_block<3, TA, BP>(i, N, K, A, B, C, alpha); break;
-    case 2: row_block<2, TA, BP>(i, N, K, A, B, C, alpha); break;
-    case 1: row_block<1, TA, BP>(i, N, K, A, B, C, alpha); break;
-    default: break;
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {  // K = 0 still writes C = 0 once
+    const int64_t k1 = K - k0 > kKC ? k0 + kKC : K;
+    for (int64_t j = 0; j < N; j += kNR) {
+      int64_t i = 0;
+      for (; i + kMR <= m; i += kMR) row_block<kMR, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
+      switch (m - i) {
+        case 3: row_block<3, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+        case 2: row_block<2, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+        case 1: row_block<1, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+        default: break;
+      }
+    }
   }
 }
 
 }  // namespace
+
+// 16 x 16 block transpose in registers: 32-bit then 64-bit interleaves within 128-bit lanes, then
+// two rounds of 128-bit lane shuffles; 64 shuffles instead of 256 scalar loads and stores.
+__attribute__((target("avx512f"))) void transpose16_avx512(const float* const* src, int64_t col0, float* dst,
+                                                          int64_t ld) {
+  __m512 r[16], t[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i] + col0);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // lane: a2 b2 a3 b3
+  }
+  for (int k = 0; k < 16; k += 4) {  // u[k + j], lane L: column 4 L + j of rows k .. k+3
+    u[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+    u[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    u[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {  // column 4 L + j = lane L of u[j], u[4 + j], u[8 + j], u[12 + j]
+    const __m512 x0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+    _mm512_storeu_ps(dst + (j)*ld, _mm512_shuffle_f32x4(x0, y0, 0x88));
+    _mm512_storeu_ps(dst + (4 + j) * ld, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+    _mm512_storeu_ps(dst + (8 + j) * ld, _mm512_shuffle_f32x4(x1, y1, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * ld, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
 
 void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                       const OutRows& C, float alpha) {
