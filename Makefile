@@ -2,7 +2,7 @@
 PYTHON ?= python
 BUILD_DIR ?= build/cmake
 
-.PHONY: install build test cpp-test pytest bench cuda-compile clean
+.PHONY: install build test cpp-test pytest bench cuda-compile gpu-check clean
 
 install:
 	$(PYTHON) -m pip install --no-build-isolation -e ".[test]"
@@ -41,6 +41,10 @@ cuda-compile: $(CU_OBJECTS)
 build/cuda-compile/%.o: csrc/%.cu $(shell find csrc -name '*.h' -o -name '*.cuh')
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_CHECK_FLAGS) -I$(dir $<) -c $< -o $@
+
+# On a GPU machine: CUDA build, CUDA tests, GPU benchmarks -> bench/results/<card>-<date>/.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 clean:
 	rm -rf build walt/_C*.so *.egg-info
