@@ -26,12 +26,14 @@ bench:
 	$(PYTHON) bench/noise.py
 
 # Compile and assemble every CUDA kernel for A100 (sm_80) and Hopper (sm_90a) with this machine's
-# nvcc; no GPU needed. The .cu files are torch-free, so nothing but nvcc and csrc/include is used.
-# Any warning fails the build.
+# nvcc; no GPU needed. The .cu files are torch-free, so nothing but nvcc and csrc/include is used;
+# the half-precision defines are the ones torch's extension build passes. Any warning fails.
 NVCC ?= nvcc
 CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
 NVCC_CHECK_FLAGS = -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr $(CUDA_GENCODE) \
-	-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Icsrc/include
+	-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Icsrc/include \
+	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+	-D__CUDA_NO_HALF2_OPERATORS__
 CU_SOURCES := $(shell find csrc -name '*.cu' | sort)
 CU_OBJECTS := $(patsubst csrc/%.cu,build/cuda-compile/%.o,$(CU_SOURCES))
 

@@ -86,6 +86,18 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// float -> Elem, spelled out: torch builds CUDA code with the implicit half conversions disabled.
+template <typename Elem>
+__device__ __forceinline__ Elem from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 // A fragment of rows [row0, row0+16) x cols [col0, col0+16) of a row-major shared tile.
 template <typename Elem>
 __device__ __forceinline__ void load_a(uint32_t (&a)[4], const Elem* tile, int ld, int row0, int col0, int lane) {
