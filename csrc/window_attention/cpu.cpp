@@ -251,6 +251,16 @@ void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& 
   });
 }
 
+// One (batch, head, window) task. Tasks run head-fastest, so consecutive tasks read
+// neighbouring bytes of the same tokens.
+struct Task {
+  int64_t b, head;
+  WindowExtent e;
+};
+inline Task decode_task(const WindowGeometry& g, int64_t heads, int64_t nwin, int64_t task) {
+  return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale_,
                   const at::Tensor& bias, at::Tensor& out, at::Tensor& lse) {
@@ -265,20 +275,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const Rows<acc_t> rows;
   const auto gemm_rows = row_ops().gemm;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-  struct Task {
-    int64_t b, head;
-    WindowExtent e;
-  };
-  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
-  auto decode = [&](int64_t task) {
-    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
-  };
 
   run_tasks(
       B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, nmax * d), nmax); },
       [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode(task);
+        const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
@@ -351,20 +353,12 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const Rows<acc_t> rows;
   const auto gemm_rows = row_ops().gemm;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-  struct Task {
-    int64_t b, head;
-    WindowExtent e;
-  };
-  // Tasks run head-fastest, so consecutive tasks read neighbouring bytes of the same tokens.
-  auto decode = [&](int64_t task) {
-    return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
-  };
 
   run_tasks(
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, nmax * d), nmax); },
       [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode(task);
+        const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
