@@ -6,7 +6,8 @@
 // with trans_a, A^T for A stored K x m (the backward's P^T dO and dS^T Q, which then need no
 // transposed copies).
 //
-// Tiles of 4 rows x 64 columns are held in 16 zmm accumulators over the whole K loop: each step
+// Tiles of 4 rows x 64 columns (8 x 32 or 8 x 16 for narrow products) are held in zmm
+// accumulators over the K loop: each step of a 4 x 64 tile
 // loads four vectors of a B row and broadcasts one element of each of four A rows, 16 FMAs. On
 // the Zen 4 this was tuned on that runs at the FMA peak in isolation (8 x 32 tiles, with twice
 // the broadcasts per FMA, reached 90%; MKL 83% at these sizes). The operands are a window's rows
@@ -26,56 +27,54 @@
 namespace walt::attn {
 namespace {
 
-constexpr int kMR = 4;   // rows per register tile
-constexpr int kNR = 64;  // columns per register tile: four zmm
-
-// One tile of MR rows x 64 columns; FULL: all 64 columns exist, else the masks m[0..3] select
-// them. ar: the MR rows of A (or, with TA, at = A + first row, element (r, k) at at[k * lda + r]);
-// cr: the MR output rows, already offset to the tile's first column; mul: each output row's
-// multiplier.
-template <int MR, bool TA, bool BP, bool FULL>
+// One tile of MR rows x 16 NV columns (NV zmm vectors per row); FULL: all columns exist, else
+// the masks m[0..NV) select them. ar: the MR rows of A (or, with TA, at = A + first row, element
+// (r, k) at at[k * lda + r]); cr: the MR output rows, already offset to the tile's first column;
+// mul: each output row's multiplier; accumulate: add to C instead of overwriting it.
+template <int MR, int NV, bool TA, bool BP, bool FULL>
 __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, const float* const* ar, const float* at,
                                                       int64_t lda, const float* bbase, int64_t ldb,
                                                       const float* const* bptr, int64_t j, float* const* cr,
                                                       const float* mul, const __mmask16* m, bool accumulate) {
-  // Every loop over r is fully unrolled so the accumulators live in registers.
+  // Every loop over r and q is fully unrolled so the accumulators live in registers.
   const float* a[MR];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) a[r] = TA ? at + r : ar[r];
-  __m512 c[MR][4];
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-  for (int r = 0; r < MR; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = _mm512_setzero_ps();
+    for (int q = 0; q < NV; ++q) c[r][q] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
     const float* b = BP ? bptr[k] + j : bbase + k * ldb + j;
-    __m512 bv[4];
+    __m512 bv[NV];
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) bv[q] = FULL ? _mm512_loadu_ps(b + 16 * q) : _mm512_maskz_loadu_ps(m[q], b + 16 * q);
-#pragma GCC unroll 4
+    for (int q = 0; q < NV; ++q) bv[q] = FULL ? _mm512_loadu_ps(b + 16 * q) : _mm512_maskz_loadu_ps(m[q], b + 16 * q);
+#pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512 x = _mm512_set1_ps(TA ? a[r][k * lda] : a[r][k]);
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) c[r][q] = _mm512_fmadd_ps(x, bv[q], c[r][q]);
+      for (int q = 0; q < NV; ++q) c[r][q] = _mm512_fmadd_ps(x, bv[q], c[r][q]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
     const __m512 s = _mm512_set1_ps(mul[r]);
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < NV; ++q) {
       float* dst = cr[r] + 16 * q;
+      const __m512 x = _mm512_mul_ps(c[r][q], s);
       if (FULL) {
-        const __m512 x = _mm512_mul_ps(c[r][q], s);
         _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), x) : x);
       } else {
-        const __m512 x = _mm512_mul_ps(c[r][q], s);
         _mm512_mask_storeu_ps(dst, m[q], accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m[q], dst), x) : x);
       }
     }
   }
 }
 
-// Rows [i, i + MR) x columns [j, j + 64) of C, over k in [k0, k1).
-template <int MR, bool TA, bool BP>
+// Rows [i, i + MR) x columns [j, j + 16 NV) of C, over k in [k0, k1).
+template <int MR, int NV, bool TA, bool BP>
 __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t k0, int64_t k1, int64_t N,
                                                  const InRows& A, const InRows& B, const OutRows& C, float alpha) {
   const float* ar[MR];
@@ -89,22 +88,44 @@ __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t 
   const float* at = TA ? A.base + i : nullptr;
   const bool accumulate = k0 > 0;
   const int64_t left = N - j;
-  if (left >= kNR) {
-    tile<MR, TA, BP, true>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, nullptr, accumulate);
+  if (left >= 16 * NV) {
+    tile<MR, NV, TA, BP, true>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, nullptr, accumulate);
   } else {
-    __mmask16 m[4];
-    for (int q = 0; q < 4; ++q) {
+    __mmask16 m[NV];
+    for (int q = 0; q < NV; ++q) {
       const int64_t in = left - 16 * q;  // columns of this vector that exist
       m[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
-    tile<MR, TA, BP, false>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, m, accumulate);
+    tile<MR, NV, TA, BP, false>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, m, accumulate);
+  }
+}
+
+// All rows of one column panel [j, j + 16 NV): blocks of MR rows, then the leftovers.
+template <int MR, int NV, bool TA, bool BP>
+__attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, int64_t k1, int64_t N,
+                                             const InRows& A, const InRows& B, const OutRows& C, float alpha) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) row_block<MR, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
+  if constexpr (MR > 4) {
+    if (i + 4 <= m) {
+      row_block<4, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
+      i += 4;
+    }
+  }
+  switch (m - i) {
+    case 3: row_block<3, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+    case 2: row_block<2, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+    case 1: row_block<1, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+    default: break;
   }
 }
 
 // Blocked so that the B panel a tile streams through, kKC rows x 64 columns (16 KiB), stays in
-// L1 while every row block of C passes over it: k blocks outermost, then 64-column panels, then
+// L1 while every row block of C passes over it: k blocks outermost, then column panels, then
 // rows. A window's K = n operand (up to 320 x 64 floats) would not fit L1 whole; later k blocks
-// add into C, so the summation order is fixed by the blocking alone.
+// add into C, so the summation order is fixed by the blocking alone. Narrow products (N = d of
+// 16 or 32, the small models' heads) use tiles of one or two vectors and 8 rows instead of 4 x 4
+// vectors, so no FMA works on masked-off columns.
 constexpr int64_t kKC = 64;
 
 template <bool TA, bool BP>
@@ -112,15 +133,12 @@ __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, co
                                             const OutRows& C, float alpha) {
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {  // K = 0 still writes C = 0 once
     const int64_t k1 = K - k0 > kKC ? k0 + kKC : K;
-    for (int64_t j = 0; j < N; j += kNR) {
-      int64_t i = 0;
-      for (; i + kMR <= m; i += kMR) row_block<kMR, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
-      switch (m - i) {
-        case 3: row_block<3, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
-        case 2: row_block<2, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
-        case 1: row_block<1, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
-        default: break;
-      }
+    if (N <= 16) {
+      panel<8, 1, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
+    } else if (N <= 32) {
+      panel<8, 2, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
+    } else {
+      for (int64_t j = 0; j < N; j += 64) panel<4, 4, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
     }
   }
 }
