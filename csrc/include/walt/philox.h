@@ -33,14 +33,8 @@
 #include <cstring>
 
 #include "walt/macros.h"
+#include "walt/rounding.h"
 
-// Host code must inline these into the (possibly AVX2/AVX-512 target) loops that call them, or
-// the loops do not vectorize; a target-specific caller may always inline a generic callee.
-#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
-#define WALT_PHILOX_INLINE WALT_HOST_DEVICE
-#else
-#define WALT_PHILOX_INLINE inline __attribute__((always_inline))
-#endif
 
 namespace walt {
 
@@ -57,7 +51,7 @@ constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 // so that every operation stays in 32-bit lanes: GCC then vectorizes a loop of Philox blocks with
 // plain 32-bit multiplies, where it emulates the 64-bit form lane by lane (about 2x slower). The
 // CPU kernel's AVX2/AVX-512 builds use walt/philox_simd.h instead, faster still.
-WALT_PHILOX_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
+WALT_ALWAYS_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
 #else
@@ -69,31 +63,7 @@ WALT_PHILOX_INLINE uint32_t mulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-WALT_PHILOX_INLINE float fmaf_rn(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
-}
-
-WALT_PHILOX_INLINE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-WALT_PHILOX_INLINE float sqrt_rn(float a) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
-
-WALT_PHILOX_INLINE uint32_t float_bits(float f) {
+WALT_ALWAYS_INLINE uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -103,7 +73,7 @@ WALT_PHILOX_INLINE uint32_t float_bits(float f) {
 #endif
 }
 
-WALT_PHILOX_INLINE float bits_float(uint32_t u) {
+WALT_ALWAYS_INLINE float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -116,7 +86,7 @@ WALT_PHILOX_INLINE float bits_float(uint32_t u) {
 }  // namespace philox_detail
 
 // One Philox4x32 round; exposed for the unit tests.
-WALT_PHILOX_INLINE philox_u32x4 philox4x32_round(philox_u32x4 c, uint32_t k0, uint32_t k1) {
+WALT_ALWAYS_INLINE philox_u32x4 philox4x32_round(philox_u32x4 c, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
   const uint32_t hi0 = mulhi(kM0, c.x), lo0 = kM0 * c.x;
   const uint32_t hi1 = mulhi(kM1, c.z), lo1 = kM1 * c.z;
@@ -124,7 +94,7 @@ WALT_PHILOX_INLINE philox_u32x4 philox4x32_round(philox_u32x4 c, uint32_t k0, ui
 }
 
 // Philox4x32-10 of `counter` under the key (k0, k1).
-WALT_PHILOX_INLINE philox_u32x4 philox4x32_10(philox_u32x4 c, uint32_t k0, uint32_t k1) {
+WALT_ALWAYS_INLINE philox_u32x4 philox4x32_10(philox_u32x4 c, uint32_t k0, uint32_t k1) {
   using namespace philox_detail;
 // Device code unrolls with nvcc's pragma, host g++ with its own; nvcc's host pass gets neither
 // (its host compiler would warn about the device pragma).
@@ -142,18 +112,18 @@ WALT_PHILOX_INLINE philox_u32x4 philox4x32_10(philox_u32x4 c, uint32_t k0, uint3
 }
 
 // u1 = ((x >> 8) + 1) * 2^-24 in (0, 1]: exact in float32 and never zero.
-WALT_PHILOX_INLINE float philox_uniform_open0(uint32_t x) {
+WALT_ALWAYS_INLINE float philox_uniform_open0(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>((x >> 8) + 1u)) * 5.9604644775390625e-8f;
 }
 
 // u2 = (x >> 8) * 2^-24 in [0, 1).
-WALT_PHILOX_INLINE float philox_uniform_open1(uint32_t x) {
+WALT_ALWAYS_INLINE float philox_uniform_open1(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(x >> 8)) * 5.9604644775390625e-8f;
 }
 
 // Natural log of a positive normal float (Cephes logf's reduction and polynomial): u = m 2^e
 // with m in [sqrt(1/2), sqrt(2)), log u = e log 2 + log1p(m - 1). Branch-free so it vectorizes.
-WALT_PHILOX_INLINE float log_approx(float u) {
+WALT_ALWAYS_INLINE float log_approx(float u) {
   using namespace philox_detail;
   const uint32_t b = float_bits(u);
   int32_t e = static_cast<int32_t>(b >> 23) - 126;             // u = m * 2^e, m in [0.5, 1)
@@ -161,21 +131,21 @@ WALT_PHILOX_INLINE float log_approx(float u) {
   const bool small = m < 0.70710678118654752f;
   e = small ? e - 1 : e;
   const float x = small ? (m + m) - 1.0f : m - 1.0f;            // exact (Sterbenz)
-  const float z = mul_rn(x, x);
+  const float z = rn::mul(x, x);
   float p = 7.0376836292e-2f;
-  p = fmaf_rn(p, x, -1.1514610310e-1f);
-  p = fmaf_rn(p, x, 1.1676998740e-1f);
-  p = fmaf_rn(p, x, -1.2420140846e-1f);
-  p = fmaf_rn(p, x, 1.4249322787e-1f);
-  p = fmaf_rn(p, x, -1.6668057665e-1f);
-  p = fmaf_rn(p, x, 2.0000714765e-1f);
-  p = fmaf_rn(p, x, -2.4999993993e-1f);
-  p = fmaf_rn(p, x, 3.3333331174e-1f);
+  p = rn::fma(p, x, -1.1514610310e-1f);
+  p = rn::fma(p, x, 1.1676998740e-1f);
+  p = rn::fma(p, x, -1.2420140846e-1f);
+  p = rn::fma(p, x, 1.4249322787e-1f);
+  p = rn::fma(p, x, -1.6668057665e-1f);
+  p = rn::fma(p, x, 2.0000714765e-1f);
+  p = rn::fma(p, x, -2.4999993993e-1f);
+  p = rn::fma(p, x, 3.3333331174e-1f);
   const float fe = static_cast<float>(e);
-  float y = mul_rn(mul_rn(x, z), p);
-  y = fmaf_rn(fe, -2.12194440e-4f, y);  // log 2 split in two: 0.693359375 - 2.12194440e-4
-  y = fmaf_rn(z, -0.5f, y);
-  return fmaf_rn(fe, 0.693359375f, x + y);
+  float y = rn::mul(rn::mul(x, z), p);
+  y = rn::fma(fe, -2.12194440e-4f, y);  // log 2 split in two: 0.693359375 - 2.12194440e-4
+  y = rn::fma(z, -0.5f, y);
+  return rn::fma(fe, 0.693359375f, x + y);
 }
 
 // (sin, cos) of 2 pi k / 2^24 for an integer k in [0, 2^24). The reduction is exact integer
@@ -185,27 +155,27 @@ struct sincos_result {
   float sin, cos;
 };
 
-WALT_PHILOX_INLINE sincos_result sincos_2pi_u24(uint32_t k) {
+WALT_ALWAYS_INLINE sincos_result sincos_2pi_u24(uint32_t k) {
   using namespace philox_detail;
   const int32_t ki = static_cast<int32_t>(k);
   const int32_t q = (ki + (1 << 21)) >> 22;  // 0..4; 4 is a full turn, same as 0
   const int32_t r = ki - q * (1 << 22);      // [-2^21, 2^21]
-  const float x = mul_rn(static_cast<float>(r), 3.7450702829239549e-7f);  // 2 pi / 2^24
-  const float z = mul_rn(x, x);
+  const float x = rn::mul(static_cast<float>(r), 3.7450702829239549e-7f);  // 2 pi / 2^24
+  const float z = rn::mul(x, x);
   float ps = -1.9515295891e-4f;
-  ps = fmaf_rn(ps, z, 8.3321608736e-3f);
-  ps = fmaf_rn(ps, z, -1.6666654611e-1f);
-  const float s = fmaf_rn(ps, mul_rn(z, x), x);
+  ps = rn::fma(ps, z, 8.3321608736e-3f);
+  ps = rn::fma(ps, z, -1.6666654611e-1f);
+  const float s = rn::fma(ps, rn::mul(z, x), x);
   float pc = 2.443315711809948e-5f;
-  pc = fmaf_rn(pc, z, -1.388731625493765e-3f);
-  pc = fmaf_rn(pc, z, 4.166664568298827e-2f);
-  const float c = fmaf_rn(pc, mul_rn(z, z), fmaf_rn(z, -0.5f, 1.0f));
+  pc = rn::fma(pc, z, -1.388731625493765e-3f);
+  pc = rn::fma(pc, z, 4.166664568298827e-2f);
+  const float c = rn::fma(pc, rn::mul(z, z), rn::fma(z, -0.5f, 1.0f));
   // sin(q pi/2 + x), cos(q pi/2 + x) for q mod 4 = 0: (s, c), 1: (c, -s), 2: (-s, -c), 3: (-c, s)
   const bool swap = (q & 1) != 0;
   const float sv = swap ? c : s, cv = swap ? s : c;
   const float sin_sign = (q & 2) ? -1.0f : 1.0f;
   const float cos_sign = ((q + 1) & 2) ? -1.0f : 1.0f;
-  return {mul_rn(sv, sin_sign), mul_rn(cv, cos_sign)};
+  return {rn::mul(sv, sin_sign), rn::mul(cv, cos_sign)};
 }
 
 // Box-Muller on two Philox words: (r cos(2 pi u2), r sin(2 pi u2)).
@@ -213,12 +183,12 @@ struct normal_pair {
   float a, b;
 };
 
-WALT_PHILOX_INLINE normal_pair box_muller(uint32_t xa, uint32_t xb) {
+WALT_ALWAYS_INLINE normal_pair box_muller(uint32_t xa, uint32_t xb) {
   using namespace philox_detail;
-  const float m2l = mul_rn(-2.0f, log_approx(philox_uniform_open0(xa)));
-  const float r = sqrt_rn(m2l > 0.0f ? m2l : 0.0f);  // u1 = 1 gives log 0 = +0 -> -0: keep r = +0
+  const float m2l = rn::mul(-2.0f, log_approx(philox_uniform_open0(xa)));
+  const float r = rn::sqrt(m2l > 0.0f ? m2l : 0.0f);  // u1 = 1 gives log 0 = +0 -> -0: keep r = +0
   const sincos_result sc = sincos_2pi_u24(xb >> 8);
-  return {mul_rn(r, sc.cos), mul_rn(r, sc.sin)};
+  return {rn::mul(r, sc.cos), rn::mul(r, sc.sin)};
 }
 
 // The four normals of Philox block `block` for the sample key `key` under `seed`: elements
@@ -227,7 +197,7 @@ struct normal4 {
   float v[4];
 };
 
-WALT_PHILOX_INLINE normal4 philox_normal4(uint64_t seed, uint64_t key, uint64_t block) {
+WALT_ALWAYS_INLINE normal4 philox_normal4(uint64_t seed, uint64_t key, uint64_t block) {
   const philox_u32x4 ctr{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), static_cast<uint32_t>(key),
                          static_cast<uint32_t>(key >> 32)};
   const philox_u32x4 o = philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
@@ -236,7 +206,7 @@ WALT_PHILOX_INLINE normal4 philox_normal4(uint64_t seed, uint64_t key, uint64_t 
 }
 
 // Element i of the stream: what philox_normal4(seed, key, i / 4).v[i % 4] gives.
-WALT_PHILOX_INLINE float philox_normal(uint64_t seed, uint64_t key, uint64_t i) {
+WALT_ALWAYS_INLINE float philox_normal(uint64_t seed, uint64_t key, uint64_t i) {
   return philox_normal4(seed, key, i >> 2).v[i & 3];
 }
 
