@@ -177,18 +177,13 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
   });
 }
 
-// Walks the (query, key) pairs of a window in the order of the row-major n x n logit block,
-// calling f(offset of the run in the block, bias index of its first key, run length) for each
-// run of keys with consecutive w: along such a run the bias index drops by one per key (see
-// bias_index).
-template <typename F>
-inline void for_bias_runs(const WindowGeometry& g, const WindowExtent& e, F&& f) {
-  for (int64_t i = 0; i < e.n; ++i) {
-    const Coord3 qc = local_coords(e, i);
-    int64_t j = i * e.n;
-    for (int64_t t = 0; t < e.et; ++t)
-      for (int64_t h = 0; h < e.eh; ++h, j += e.ew) f(j, bias_index(g, qc, Coord3{t, h, 0}), e.ew);
-  }
+// The bias runs of a window's rows (rows.h) and where row i's first run starts in a head's
+// reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w.
+inline BiasRuns bias_runs(const WindowGeometry& g, const WindowExtent& e) {
+  return BiasRuns{e.et, e.eh, e.ew, (2 * g.rh - 1) * (2 * g.rw - 1), 2 * g.rw - 1};
+}
+inline int64_t reversed_bias_start(const WindowGeometry& g, const WindowExtent& e, int64_t i) {
+  return bias_table_size(g) - 1 - bias_index(g, local_coords(e, i), Coord3{0, 0, 0});
 }
 
 // Row loops: float32 uses the run-time dispatched SIMD loops; float64 (gradcheck, oracle
@@ -200,6 +195,8 @@ struct RowsF {
   void exp(float* x, int64_t n, float sub) const { ops.exp(x, n, sub); }
   void softmax_grad(float* p, const float* dp, int64_t n, float delta) const { ops.softmax_grad(p, dp, n, delta); }
   float dot(const float* a, const float* b, int64_t n) const { return ops.dot(a, b, n); }
+  void bias_add(float* row, const float* rev, const BiasRuns& r) const { ops.bias_add(row, rev, r); }
+  void bias_acc(float* rev, const float* row, const BiasRuns& r) const { ops.bias_acc(rev, row, r); }
 };
 struct RowsD {
   double max(const double* x, int64_t n) const {
@@ -222,6 +219,16 @@ struct RowsD {
     double s = 0;
     for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
     return s;
+  }
+  void bias_add(double* row, const double* rev, const BiasRuns& r) const {
+    for (int64_t t = 0; t < r.et; ++t)
+      for (int64_t h = 0; h < r.eh; ++h)
+        for (int64_t w = 0; w < r.ew; ++w) row[(t * r.eh + h) * r.ew + w] += rev[t * r.step_t + h * r.step_h + w];
+  }
+  void bias_acc(double* rev, const double* row, const BiasRuns& r) const {
+    for (int64_t t = 0; t < r.et; ++t)
+      for (int64_t h = 0; h < r.eh; ++h)
+        for (int64_t w = 0; w < r.ew; ++w) rev[t * r.step_t + h * r.step_h + w] += row[(t * r.eh + h) * r.ew + w];
   }
 };
 template <typename acc_t>
@@ -288,15 +295,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
         // the d outputs of a row instead of its n probabilities.
         auto softmax = [&](auto&& per_row) {
-          if (bp) {
-            const acc_t* tb = bp + head * table;
-            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-              for (int64_t w = 0; w < len; ++w) S[j + w] += tb[bi - w];
-            });
-          }
+          const BiasRuns runs = bias_runs(g, e);
           for (int64_t i = 0; i < n; ++i) {
             per_row(i);
             acc_t* row = S + i * n;
+            if (bp) rows.bias_add(row, bp + head * table + reversed_bias_start(g, e, i), runs);
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
@@ -365,14 +368,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
         acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
         // P = exp(scale Q K^T + bias - lse) from the logits in P and the saved row statistics.
+        const BiasRuns runs = bias_runs(g, e);
         auto recompute_p = [&] {
-          if (bp) {
-            const acc_t* tb = bp + head * table;
-            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-              for (int64_t w = 0; w < len; ++w) P[j + w] += tb[bi - w];
-            });
-          }
           for (int64_t i = 0; i < n; ++i) {
+            if (bp) rows.bias_add(P + i * n, bp + head * table + reversed_bias_start(g, e, i), runs);
             if (stat[i] == -inf) {  // fully masked row: P = 0
               std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
             } else {
@@ -382,12 +381,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         };
         // dS = P o (dP - delta), in place of P, and this task's own partial bias table.
         auto softmax_grad = [&] {
-          for (int64_t i = 0; i < n; ++i) rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
-          if (pp) {
-            acc_t* tb = pp + task * table;
-            for_bias_runs(g, e, [&](int64_t j, int64_t bi, int64_t len) {
-              for (int64_t w = 0; w < len; ++w) tb[bi - w] += P[j + w];
-            });
+          for (int64_t i = 0; i < n; ++i) {
+            rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+            if (pp) rows.bias_acc(pp + task * table + reversed_bias_start(g, e, i), P + i * n, runs);
           }
         };
         for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
@@ -455,9 +451,10 @@ WindowGeometry geometry(const at::Tensor& q, at::IntArrayRef window) {
 
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The bias table in the accumulation type, contiguous (a few KiB; not a partitioned copy).
-at::Tensor bias_acc(const std::optional<at::Tensor>& bias, at::ScalarType acc) {
-  return bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+// The bias table in the accumulation type, each head's entries in reverse flat order (a few KiB;
+// not a partitioned copy): then a row's bias runs are contiguous ascending slices (rows.h).
+at::Tensor reversed_bias_table(const std::optional<at::Tensor>& bias, at::ScalarType acc) {
+  return bias.has_value() ? bias->to(acc).flip({1, 2, 3}).contiguous() : at::Tensor();
 }
 
 }  // namespace
@@ -470,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
   const WindowGeometry g = geometry(q, window);
-  const at::Tensor bias = bias_acc(rel_pos_bias, acc);
+  const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       forward_impl<double, double>(q, k, v, g, scale, bias, out, lse);
@@ -494,9 +491,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     return {dq, dk, dv, want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
   }
   const WindowGeometry g = geometry(q, window);
-  const at::Tensor bias = bias_acc(rel_pos_bias, acc);
+  const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const int64_t B = q.size(0), heads = q.size(4), nwin = num_windows(g), table = bias_table_size(g);
-  // One partial table per task, reduced below in a fixed order: no atomics, no dependence on
+  // One partial table per task (reversed, like the forward's), reduced below in a fixed order: no atomics, no dependence on
   // which thread ran which task.
   at::Tensor partial = want_dbias ? at::zeros({B * nwin, heads, table}, q.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention_backward", [&] {
@@ -521,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       }
     });
   });
-  return {dq, dk, dv, dbias.view(rel_pos_bias->sizes()).to(rel_pos_bias->scalar_type())};
+  // The partials were accumulated in the reversed order of the forward's table.
+  return {dq, dk, dv, dbias.view(rel_pos_bias->sizes()).flip({1, 2, 3}).to(rel_pos_bias->scalar_type())};
 }
 
 }  // namespace walt::attn

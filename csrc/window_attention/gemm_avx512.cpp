@@ -125,7 +125,8 @@ __attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, 
 // rows. A window's K = n operand (up to 320 x 64 floats) would not fit L1 whole; later k blocks
 // add into C, so the summation order is fixed by the blocking alone. Narrow products (N = d of
 // 16 or 32, the small models' heads) use tiles of one or two vectors and 8 rows instead of 4 x 4
-// vectors, so no FMA works on masked-off columns.
+// vectors, so no FMA works on masked-off columns; so do the last columns of wider products (an
+// 80-token window's logits: one 64-wide panel and one 16-wide, not a 4 x 4 tile 3/4 masked).
 constexpr int64_t kKC = 64;
 
 template <bool TA, bool BP>
@@ -137,8 +138,11 @@ __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, co
       panel<8, 1, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
     } else if (N <= 32) {
       panel<8, 2, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
-    } else {
-      for (int64_t j = 0; j < N; j += 64) panel<4, 4, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
+    } else {  // 64-wide panels, then the last < 64 columns in 32- and 16-wide ones
+      int64_t j = 0;
+      for (; j + 64 <= N; j += 64) panel<4, 4, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
+      for (; j + 16 < N; j += 32) panel<8, 2, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
+      if (j < N) panel<8, 1, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
     }
   }
 }

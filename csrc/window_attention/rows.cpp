@@ -61,6 +61,17 @@ float dot_base(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+void bias_add_base(float* row, const float* rev, const BiasRuns& r) {
+  for (int64_t t = 0; t < r.et; ++t)
+    for (int64_t h = 0; h < r.eh; ++h)
+      for (int64_t w = 0; w < r.ew; ++w) row[(t * r.eh + h) * r.ew + w] += rev[t * r.step_t + h * r.step_h + w];
+}
+void bias_acc_base(float* rev, const float* row, const BiasRuns& r) {
+  for (int64_t t = 0; t < r.et; ++t)
+    for (int64_t h = 0; h < r.eh; ++h)
+      for (int64_t w = 0; w < r.ew; ++w) rev[t * r.step_t + h * r.step_h + w] += row[(t * r.eh + h) * r.ew + w];
+}
+
 #if defined(__x86_64__)
 // ---------------------------------------------------------------- AVX-512F
 #define WALT_AVX512 __attribute__((target("avx512f")))
@@ -137,6 +148,32 @@ WALT_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc);
   }
   return _mm512_reduce_add_ps(acc);
+}
+
+// y[0..n) += x[0..n) for a short run (ew = 4 to 16 in WALT's windows) in full 16-, 8- and 4-wide
+// vectors, no masks: a masked load that overlaps the previous run's masked store (the next run
+// starts mid-vector) cannot take its data from the store buffer and waits for the store to
+// retire, which made these loops cost more than the GEMMs.
+WALT_AVX512 inline void add_run(float* y, const float* x, int64_t n) {
+  int64_t w = 0;
+  for (; w + 16 <= n; w += 16) _mm512_storeu_ps(y + w, _mm512_add_ps(_mm512_loadu_ps(y + w), _mm512_loadu_ps(x + w)));
+  if (w + 8 <= n) {
+    _mm256_storeu_ps(y + w, _mm256_add_ps(_mm256_loadu_ps(y + w), _mm256_loadu_ps(x + w)));
+    w += 8;
+  }
+  if (w + 4 <= n) {
+    _mm_storeu_ps(y + w, _mm_add_ps(_mm_loadu_ps(y + w), _mm_loadu_ps(x + w)));
+    w += 4;
+  }
+  for (; w < n; ++w) y[w] += x[w];
+}
+WALT_AVX512 void bias_add_avx512(float* row, const float* rev, const BiasRuns& r) {
+  for (int64_t t = 0; t < r.et; ++t)
+    for (int64_t h = 0; h < r.eh; ++h) add_run(row + (t * r.eh + h) * r.ew, rev + t * r.step_t + h * r.step_h, r.ew);
+}
+WALT_AVX512 void bias_acc_avx512(float* rev, const float* row, const BiasRuns& r) {
+  for (int64_t t = 0; t < r.et; ++t)
+    for (int64_t h = 0; h < r.eh; ++h) add_run(rev + t * r.step_t + h * r.step_h, row + (t * r.eh + h) * r.ew, r.ew);
 }
 
 // ---------------------------------------------------------------- AVX2 + FMA
@@ -223,10 +260,13 @@ RowOps pick() {
   (void)allow512;
   (void)allow2;
 #if defined(__x86_64__)
-  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512, gemm_rows_avx512};
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, nullptr};
+  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512,
+                                                     bias_add_avx512, bias_acc_avx512, gemm_rows_avx512};
+  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, bias_add_base,
+                                          bias_acc_base, nullptr};
 #endif
-  return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, nullptr};
+  return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, bias_add_base, bias_acc_base,
+          nullptr};
 }
 
 }  // namespace

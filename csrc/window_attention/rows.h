@@ -25,6 +25,16 @@ struct OutRows {
   float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
 };
 
+// The relative position bias of one query row, read from a head's table stored in reverse flat
+// order: the keys of a row come in runs of `ew` consecutive w (one run per key (t, h)), and along
+// a run the reversed table's index rises by one per key, so a run is a contiguous slice of it.
+// Key (t, h, w) of the row sits at row offset (t * eh + h) * ew + w and reads reversed-table
+// entry t * step_t + h * step_h + w, relative to the row's first run.
+struct BiasRuns {
+  int64_t et, eh, ew;
+  int64_t step_t, step_h;  // (2 rh - 1)(2 rw - 1) and 2 rw - 1: table strides of t and h
+};
+
 struct RowOps {
   const char* isa;
   // max_j x[j]
@@ -37,6 +47,10 @@ struct RowOps {
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
+  // row += bias of its keys, from the reversed table `rev` at the row's first run (BiasRuns).
+  void (*bias_add)(float* row, const float* rev, const BiasRuns& runs);
+  // rev += row, scattered the same way: the row's contribution to the bias gradient.
+  void (*bias_acc)(float* rev, const float* row, const BiasRuns& runs);
   // C (m x N) = alpha op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T (A
   // stored K x m, base form only); null where the kernel should call the BLAS instead (see
   // gemm_avx512.cpp).
