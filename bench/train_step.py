@@ -1,6 +1,6 @@
 """Training-step throughput: the same WALT on walt's fused ops vs the pure-PyTorch path.
 
-One step = noising + self-conditioning pass + forward + backward + AdamW on random latents of
+One step = noising + self-conditioning pass + forward + backward + walt-train's AdamW on random latents of
 the preset's grid (the autoencoder is left out: it is the same on both paths). The fused path
 uses walt.ops.window_attention and walt.ops.add_noise; the reference path partitions windows
 for scaled_dot_product_attention and draws noise with torch.randn. Both run in this process,
@@ -19,15 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import compare, environment, median_time, print_table, write_json  # noqa: E402
 
 import walt  # noqa: E402
+from walt.config import TrainConfig  # noqa: E402
 from walt.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig, count_parameters  # noqa: E402
+from walt.train.loop import make_optimizer  # noqa: E402
 
 
 def make_step(model, attention, noise, x0):
     """A closure running one training step of `model` with the given attention and noise backends."""
     model.cfg = dataclasses.replace(model.cfg, attention_backend=attention)
     diffusion = Diffusion(DiffusionConfig(noise_backend=noise))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, TrainConfig())  # walt-train's optimizer
     keys = torch.arange(x0.shape[0])
     state = {"step": 0}
 
