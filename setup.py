@@ -3,7 +3,9 @@
 CPU sources (csrc/**/*.cpp) are always built. CUDA sources are added when torch was built with
 CUDA and nvcc is found, or when WALT_FORCE_CUDA=1; WALT_FORCE_CUDA=0 leaves them out. They are the
 torch-free kernels (csrc/**/*.cu, which `make cuda-compile` checks with nvcc alone) and the torch
-glue that registers them for the CUDA dispatch key (csrc/**/*_cuda.cpp).
+glue that registers them for the CUDA dispatch key (csrc/**/*_cuda.cpp). A CUDA build needs the
+CUTLASS/CuTe headers of the nvidia-cutlass wheel (pip install --no-deps nvidia-cutlass==4.2.0.0);
+a CPU build does not.
 WALT_NATIVE=1 adds -march=native (off by default: the wheel must run on any x86-64/aarch64;
 the hot loops pick AVX2/AVX-512 at run time instead).
 """
@@ -42,13 +44,15 @@ include_dirs = [os.path.join(ROOT, "csrc", "include")]
 defines = [("WALT_WITH_CUDA", "1" if with_cuda else "0")]
 
 if with_cuda:
-    try:  # CUTLASS/CuTe headers ship in the nvidia-cutlass wheel
-        import cutlass_library  # noqa: F401
-
-        cutlass_root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
-        include_dirs += [os.path.join(cutlass_root, "include"), os.path.join(cutlass_root, "tools", "util", "include")]
+    try:  # the kernels are written with CUTLASS/CuTe; its headers ship in the nvidia-cutlass wheel
+        import cutlass_library
     except ImportError:
-        pass
+        raise SystemExit(
+            "walt: CUDA kernels need the CUTLASS/CuTe headers: pip install --no-deps nvidia-cutlass==4.2.0.0 "
+            "(or build without CUDA: WALT_FORCE_CUDA=0)"
+        ) from None
+    cutlass_root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    include_dirs += [os.path.join(cutlass_root, "include"), os.path.join(cutlass_root, "tools", "util", "include")]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     ext = CUDAExtension(
         "walt._C",

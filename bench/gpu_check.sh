@@ -15,6 +15,18 @@ mkdir -p "$out"
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
 } | tee "$out/environment.txt"
 
+# The CUDA build needs the CUTLASS/CuTe headers. This machine is offline: take the nvidia-cutlass
+# wheel from wheels/ (not in git; copy it there first), headers only, hence --no-deps.
+if ! $PYTHON -c "import cutlass_library" 2> /dev/null; then
+  wheel=$(ls wheels/nvidia_cutlass-4.2.0.0-*.whl 2> /dev/null | head -1)
+  if [ -z "$wheel" ]; then
+    echo "CUDA kernels need the CUTLASS/CuTe headers: copy nvidia_cutlass-4.2.0.0-py3-none-any.whl into wheels/" \
+      "(pip download --no-deps nvidia-cutlass==4.2.0.0 -d wheels on a connected machine) and rerun" >&2
+    exit 1
+  fi
+  $PYTHON -m pip install --no-deps --no-index "$wheel" || exit 1
+fi
+
 status=0
 $PYTHON -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 $PYTHON -m walt.info | tee -a "$out/environment.txt"

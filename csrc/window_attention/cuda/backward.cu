@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
     __syncthreads();
     gather_rows<Elem, D>(sK, k, e, n0, p.sk, task.b, task.head);
     gather_rows<Elem, D>(sV, v, e, n0, p.sv, task.b, task.head);
-    cp_async_commit();
+    cute::cp_async_fence();
     for (int i = threadIdx.x; i < kTileRows; i += kThreads) sKPos[i] = n0 + i < n ? bias_pos(geo, e, n0 + i) : 0;
 
     float dk_acc[kDT][4], dv_acc[kDT][4];
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
       __syncthreads();  // previous Q, dO, dS tiles are consumed
       gather_rows<Elem, D>(sQ, q, e, m0, p.sq, task.b, task.head);
       gather_rows<Elem, D>(sdO, dout, e, m0, bp.sdo, task.b, task.head);
-      cp_async_commit();
+      cute::cp_async_fence();
       for (int i = threadIdx.x; i < kTileRows; i += kThreads) {
         const bool valid = m0 + i < n;
         const int64_t idx = valid ? token_index(geo, e, m0 + i, task.b) * p.heads + task.head : 0;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
         sDelta[i] = valid ? bp.delta[idx] : 0.f;
         sQPos[i] = valid ? bias_pos(geo, e, m0 + i) + center : 0;
       }
-      cp_async_wait<0>();
+      cute::cp_async_wait<0>();
       __syncthreads();
 
       // S^T and dP^T for this warp's 16 keys x 64 queries.

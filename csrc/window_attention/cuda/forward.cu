@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   const Elem* v = static_cast<const Elem*>(p.v);
 
   gather_rows<Elem, D>(sQ, q, e, m0, p.sq, task.b, task.head);
-  cp_async_commit();
+  cute::cp_async_fence();
 
   // This thread's two query rows (g and g+8 of the warp's 16) and their bias positions.
   const int row_a = m0 + warp * 16 + g, row_b = row_a + 8;
@@ -72,12 +72,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   for (int n0 = 0; n0 < n; n0 += kTileRows) {
     __syncthreads();  // every warp is done with the previous K, V tiles
     gather_rows<Elem, D>(sK, k, e, n0, p.sk, task.b, task.head);
-    cp_async_commit();
+    cute::cp_async_fence();
     gather_rows<Elem, D>(sV, v, e, n0, p.sv, task.b, task.head);
-    cp_async_commit();
+    cute::cp_async_fence();
     for (int i = threadIdx.x; i < kTileRows; i += kThreads)
       sKeyPos[i] = n0 + i < n ? bias_pos(geo, e, n0 + i) : 0;
-    cp_async_wait<1>();  // Q and K have landed; V may still be in flight
+    cute::cp_async_wait<1>();  // Q and K have landed; V may still be in flight
     __syncthreads();
     if (n0 == 0) {
 #pragma unroll
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
       pf[j / 2][(j % 2) * 2 + 1] = pack2<Elem>(p2, p3);
     }
 
-    cp_async_wait<0>();  // V has landed
+    cute::cp_async_wait<0>();  // V has landed
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kTileRows / 16; ++kk) {
