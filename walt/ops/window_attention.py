@@ -89,18 +89,23 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("walt::window_attention")
-def _(q, k, v, window, scale, rel_pos_bias):
+def _fake_forward(q, k, v, window, scale, rel_pos_bias):
     return q.new_empty(q.shape), q.new_empty(q.shape[:5], dtype=_lse_dtype(q))
 
 
-@torch.library.register_fake("walt::window_attention_backward")
-def _(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
+def _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
     if rel_pos_bias is not None and bias_requires_grad:
         dbias = rel_pos_bias.new_empty(rel_pos_bias.shape)
     else:
         dbias = q.new_empty((0,))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+# The fused op and its composite twin (csrc/window_attention/composite.cpp, the float32/float64
+# path on CUDA, exposed as private ops for tests) have the same outputs.
+for _name in ("window_attention", "_window_attention_composite"):
+    torch.library.register_fake(f"walt::{_name}")(_fake_forward)
+    torch.library.register_fake(f"walt::{_name}_backward")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
