@@ -21,6 +21,13 @@ def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
     among their valid tokens only. scale: logit scale, default d**-0.5. rel_pos_bias: optional
     table (heads, 2wt-1, 2wh-1, 2ww-1) for the requested window, q's dtype or float32; it gets a
     gradient when it requires one. Returns a contiguous tensor shaped like q.
+
+    Devices and dtypes: on the CPU every dtype runs on the fused kernel. On CUDA, float16 and
+    bfloat16 run on the tensor-core kernels (d of 32, 64, 96 or 128); float32 and float64 run on a
+    documented fallback, a composite of ATen ops (gather, cuBLAS batched GEMMs, logsumexp) in the
+    input's precision, for any d. It does not use TF32 unless torch's float32 matmul precision
+    allows it (torch.backends.cuda.matmul.allow_tf32, off by default), and it holds the windows'
+    logits, O(B * heads * windows * n^2) memory for n tokens per window.
     """
     window = _check(q, k, v, window, scale, rel_pos_bias)
     if scale is None:
