@@ -1,6 +1,17 @@
 // CUDA registration of the window-attention ops: the checks every device shares (op.cpp), the
 // layout requirements of the tensor-core kernels, then the torch-free launchers in cuda/.
 // Compiled only when the extension is built with CUDA.
+//
+// float16 and bfloat16 run on the tensor-core kernels. float32 and float64 run on the composite
+// of ATen ops in composite.cpp (gathers, cuBLAS batched GEMMs, logsumexp), for any head size.
+// Not TF32 tensor cores: TF32 rounds GEMM operands to a 10-bit mantissa, which would miss the
+// float32 accuracy rule the other paths meet (within 2x the error of float32 PyTorch attention
+// against the float64 oracle) by about three orders of magnitude: rounding q, k, v to TF32 alone
+// gives output errors of 4e-4 to 1e-3 at d = 64 and 17, against 6e-7 to 8e-7 for float32 SDPA.
+// The composite does float32 (float64) arithmetic at cuBLAS speed; it follows torch's float32
+// matmul precision setting like any torch.matmul, so it is full float32 unless the user opts into
+// TF32 globally. Its cost is memory: it holds the logits of every (batch, head, window),
+// O(B * heads * windows * n^2).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +19,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "composite.h"
 #include "cuda/launch.h"
 
 namespace walt::attn {
@@ -27,12 +39,16 @@ cuda::Strides5 strides5(const at::Tensor& x) {
   return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
 }
 
+// float16/bfloat16 take the tensor-core kernels; float32/float64 the composite (see the top).
+bool on_tensor_cores(const at::Tensor& q) {
+  return q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+}
+
 // Everything but the output pointers, which the forward and the backward set differently.
 cuda::ForwardParams forward_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& bias_f32, at::IntArrayRef window, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "window_attention on CUDA takes float16 or bfloat16 inputs (tensor cores), got ", q.scalar_type(),
-              "; cast q, k, v to bfloat16, or run float32/float64 on the CPU.");
+  TORCH_INTERNAL_ASSERT(on_tensor_cores(q), "window_attention: ", q.scalar_type(),
+                        " inputs belong to the composite path, not the tensor-core kernels.");
   TORCH_CHECK(cuda::supported_head_dim(static_cast<int>(q.size(5))),
               "window_attention on CUDA supports head sizes d of 32, 64, 96 or 128, got ", q.size(5), ".");
   cuda::ForwardParams p;
@@ -64,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
                                                 const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q_in, k_in, v_in, window, scale, rel_pos_bias);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  if (!on_tensor_cores(q_in)) return forward_composite(q_in, k_in, v_in, window, scale, rel_pos_bias);
   const at::Tensor q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(at::kFloat));
@@ -82,6 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
   check_backward_args(grad_out_in, q_in, k_in, v_in, out, lse_in, window, scale, rel_pos_bias);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  if (!on_tensor_cores(q_in)) {
+    return backward_composite(grad_out_in, q_in, k_in, v_in, out, lse_in, window, scale, rel_pos_bias,
+                              bias_requires_grad);
+  }
   const at::Tensor q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
   const at::Tensor grad_out = rows_16b_aligned(grad_out_in);
   at::Tensor lse = lse_in.contiguous();

@@ -21,6 +21,13 @@ def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
     among their valid tokens only. scale: logit scale, default d**-0.5. rel_pos_bias: optional
     table (heads, 2wt-1, 2wh-1, 2ww-1) for the requested window, q's dtype or float32; it gets a
     gradient when it requires one. Returns a contiguous tensor shaped like q.
+
+    Devices and dtypes: on the CPU every dtype runs on the fused kernel. On CUDA, float16 and
+    bfloat16 run on the tensor-core kernels (d of 32, 64, 96 or 128); float32 and float64 run on a
+    documented fallback, a composite of ATen ops (gather, cuBLAS batched GEMMs, logsumexp) in the
+    input's precision, for any d. It does not use TF32 unless torch's float32 matmul precision
+    allows it (torch.backends.cuda.matmul.allow_tf32, off by default), and it holds the windows'
+    logits, O(B * heads * windows * n^2) memory for n tokens per window.
     """
     window = _check(q, k, v, window, scale, rel_pos_bias)
     if scale is None:
@@ -89,18 +96,23 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("walt::window_attention")
-def _(q, k, v, window, scale, rel_pos_bias):
+def _fake_forward(q, k, v, window, scale, rel_pos_bias):
     return q.new_empty(q.shape), q.new_empty(q.shape[:5], dtype=_lse_dtype(q))
 
 
-@torch.library.register_fake("walt::window_attention_backward")
-def _(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
+def _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
     if rel_pos_bias is not None and bias_requires_grad:
         dbias = rel_pos_bias.new_empty(rel_pos_bias.shape)
     else:
         dbias = q.new_empty((0,))
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+# The fused op and its composite twin (csrc/window_attention/composite.cpp, the float32/float64
+# path on CUDA, exposed as private ops for tests) have the same outputs.
+for _name in ("window_attention", "_window_attention_composite"):
+    torch.library.register_fake(f"walt::{_name}")(_fake_forward)
+    torch.library.register_fake(f"walt::{_name}_backward")(_fake_backward)
 
 
 def _setup_context(ctx, inputs, output):
