@@ -13,6 +13,15 @@ from walt.ops import window_attention
 from walt.ops.reference import window_attention_reference, window_attention_sdpa
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
+OPS = sys.modules["walt.ops.window_attention"]  # the module (walt.ops.window_attention is the function)
+
+
+@pytest.fixture(params=("kept", "recomputed"))
+def probs_policy(request, monkeypatch):
+    """Run a test with the CPU forward keeping the softmax probabilities for the backward (the
+    default for small windows) and with the backward recomputing them (what larger calls do)."""
+    monkeypatch.setattr(OPS, "KEEP_PROBS_MAX_BYTES", 2**40 if request.param == "kept" else 0)
+    return request.param
 
 
 def make_inputs(shape, dtype=torch.float32, layout="fused", bias=False, window=None, seed=0):
@@ -119,7 +128,7 @@ def test_low_precision_forward(case, dtype):
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[6], CASES[9]], ids=case_id)
-def test_backward_matches_oracle(case, dtype):
+def test_backward_matches_oracle(case, dtype, probs_policy):
     shape, window, bias, layout = case
     q, k, v, table = make_inputs(shape, dtype, layout, bias, window)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -142,7 +151,7 @@ def test_backward_matches_oracle(case, dtype):
 
 
 @pytest.mark.parametrize("bias", (False, True), ids=("nobias", "bias"))
-def test_gradcheck_float64(bias):
+def test_gradcheck_float64(bias, probs_policy):
     # A 3x4x5 grid with 2x3x3 windows: partial windows on every axis.
     q, k, v, table = make_inputs((1, 3, 4, 5, 2, 4), torch.float64, "fused", bias, (2, 3, 3), seed=3)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
@@ -161,6 +170,48 @@ def test_opcheck_both_ops():
     for bias_requires_grad in (True, False):
         args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, [2, 3, 3], 0.35, table.detach(), bias_requires_grad)
         torch.library.opcheck(torch.ops.walt.window_attention_backward.default, args)
+    # The CPU training pair that keeps the probabilities.
+    torch.library.opcheck(torch.ops.walt.window_attention_keep_probs.default, (q, k, v, [2, 3, 3], 0.35, table))
+    out, lse, probs = torch.ops.walt.window_attention_keep_probs(q, k, v, [2, 3, 3], 0.35, table)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, probs, [2, 3, 3], 0.35, table.detach(), True)
+    torch.library.opcheck(torch.ops.walt.window_attention_backward_kept_probs.default, args)
+
+
+def test_kept_probabilities_are_the_softmax_and_give_the_recomputed_gradients():
+    shape, window = (2, 5, 9, 7, 3, 16), (3, 4, 4)  # partial windows on every axis
+    q, k, v, table = make_inputs(shape, torch.float64, "fused", True, window, seed=7)
+    out, lse, probs = torch.ops.walt.window_attention_keep_probs(q, k, v, list(window), 0.25, table)
+    plain, plain_lse = torch.ops.walt.window_attention(q, k, v, list(window), 0.25, table)
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, plain_lse, rtol=0, atol=0)
+    # Window 0 of batch 1 is full (3 x 4 x 4 = 48 tokens); its probabilities are the softmax of its logits.
+    n = 48
+    qw, kw = (x[1, :3, :4, :4].reshape(n, 3, 16) for x in (q, k))
+    logits = torch.einsum("ihd,jhd->hij", qw, kw) * 0.25
+    coords = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(n, 3)
+    rel = coords[:, None] - coords[None] + torch.tensor([2, 3, 3])
+    logits = logits + table[:, rel[..., 0], rel[..., 1], rel[..., 2]]
+    torch.testing.assert_close(probs[1, 0].reshape(3, -1)[:, : n * n].reshape(3, n, n), logits.softmax(-1), rtol=1e-12, atol=1e-14)
+    # The backward from kept probabilities matches the one that recomputes them.
+    grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    kept = torch.ops.walt.window_attention_backward_kept_probs(grad, q, k, v, out, lse, probs, list(window), 0.25, table, True)
+    recomputed = torch.ops.walt.window_attention_backward(grad, q, k, v, out, lse, list(window), 0.25, table, True)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="probs must be the contiguous"):
+        torch.ops.walt.window_attention_backward_kept_probs(grad, q, k, v, out, lse, probs[:, :1], list(window), 0.25, table, True)
+
+
+def test_probabilities_are_kept_only_when_training_on_cpu_within_the_budget(monkeypatch):
+    q, k, v, _ = make_inputs((1, 2, 4, 4, 2, 8), torch.float32, "contiguous")
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    assert OPS._keep_probs(*leaves, (2, 4, 4), None)
+    assert not OPS._keep_probs(q, k, v, (2, 4, 4), None)  # nothing needs a gradient
+    with torch.no_grad():
+        assert not OPS._keep_probs(*leaves, (2, 4, 4), None)
+    # 1 window x 2 heads x 32^2 floats = 8 KiB: over a 4 KiB budget.
+    monkeypatch.setattr(OPS, "KEEP_PROBS_MAX_BYTES", 4096)
+    assert not OPS._keep_probs(*leaves, (2, 4, 4), None)
 
 
 class TinyBlock(torch.nn.Module):
@@ -194,7 +245,7 @@ def test_torch_compile_fullgraph_forward_backward():
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
-def test_bitwise_deterministic_across_runs_and_thread_counts():
+def test_bitwise_deterministic_across_runs_and_thread_counts(probs_policy):
     q, k, v, table = make_inputs((2, 5, 9, 7, 3, 16), torch.float32, "fused", True, (3, 4, 4), seed=5)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
 
@@ -254,20 +305,24 @@ def test_bad_inputs_raise_clear_errors():
     _expect(RuntimeError, r"grad_out must have q's shape", lambda: bwd(out[:, :1], q, k, v, out, lse, [2, 2, 2], 0.5, None, False))
 
 
-def test_profiler_shows_one_fused_call_and_no_copies():
+def test_profiler_shows_one_fused_call_and_no_copies(probs_policy):
     q, k, v, table = make_inputs((1, 5, 9, 7, 2, 16), torch.float32, "fused", True, (5, 8, 8))
     leaves = [x.detach().requires_grad_() for x in (q, k, v, table)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = window_attention(*leaves[:3], (5, 8, 8), rel_pos_bias=leaves[3])
     names = [e.name for e in prof.events()]
-    assert names.count("walt::window_attention") == 1
+    forward, backward = {
+        "kept": ("walt::window_attention_keep_probs", "walt::window_attention_backward_kept_probs"),
+        "recomputed": ("walt::window_attention", "walt::window_attention_backward"),
+    }[probs_policy]
+    assert names.count(forward) == 1
     copies = {"aten::permute", "aten::copy_", "aten::constant_pad_nd", "aten::pad", "aten::contiguous", "aten::clone", "aten::reshape", "aten::_to_copy"}
     assert not copies & set(names), sorted(copies & set(names))
     # The backward is one fused call as well.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out.backward(torch.ones_like(out))
     names = [e.name for e in prof.events()]
-    assert names.count("walt::window_attention_backward") == 1
+    assert names.count(backward) == 1
     assert not {"aten::permute", "aten::constant_pad_nd", "aten::pad", "aten::contiguous", "aten::_to_copy"} & set(names)
 
 
@@ -275,12 +330,14 @@ def test_profiler_shows_one_fused_call_and_no_copies():
 # run on any x86 machine when capped with WALT_CPU_ISA, which is read once per process.
 _ISA_SCRIPT = textwrap.dedent(
     """
-    import torch, walt
+    import sys, torch, walt
     from walt.ops import window_attention
     from walt.ops.reference import window_attention_reference
     g = torch.Generator().manual_seed(0)
     worst = 0.0
-    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
+    ops = sys.modules["walt.ops.window_attention"]
+    for keep, dtype, tol in ((1 << 40, torch.float32, 2e-5), (0, torch.float32, 2e-5), (1 << 40, torch.bfloat16, 3e-2)):
+        ops.KEEP_PROBS_MAX_BYTES = keep  # probabilities kept for the backward, or recomputed
         q, k, v = torch.randn(2, 5, 9, 7, 3, 2, 16, generator=g).to(dtype).unbind(4)
         bias = torch.randn(2, 5, 7, 7, generator=g)
         grad = torch.randn(q.shape, generator=g).to(dtype)

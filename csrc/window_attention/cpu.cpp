@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -193,6 +194,8 @@ struct RowsF {
   float max(const float* x, int64_t n) const { return ops.max(x, n); }
   float exp_sum(float* x, int64_t n, float sub) const { return ops.exp_sum(x, n, sub); }
   void exp(float* x, int64_t n, float sub) const { ops.exp(x, n, sub); }
+  void scale_copy(float* dst, const float* src, int64_t n, float s) const { ops.scale_copy(dst, src, n, s); }
+  void softmax_grad_dp(float* dp, const float* p, int64_t n, float delta) const { ops.softmax_grad_dp(dp, p, n, delta); }
   void softmax_grad(float* p, const float* dp, int64_t n, float delta) const { ops.softmax_grad(p, dp, n, delta); }
   float dot(const float* a, const float* b, int64_t n) const { return ops.dot(a, b, n); }
   void bias_add(float* row, const float* rev, const BiasRuns& r) const { ops.bias_add(row, rev, r); }
@@ -211,6 +214,12 @@ struct RowsD {
   }
   void exp(double* x, int64_t n, double sub) const {
     for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+  }
+  void scale_copy(double* dst, const double* src, int64_t n, double s) const {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
+  }
+  void softmax_grad_dp(double* dp, const double* p, int64_t n, double delta) const {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
   }
   void softmax_grad(double* p, const double* dp, int64_t n, double delta) const {
     for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
@@ -268,9 +277,11 @@ inline Task decode_task(const WindowGeometry& g, int64_t heads, int64_t nwin, in
   return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
 }
 
+// With `probs` defined, each task's probabilities are also written there (normalised, n x n at
+// the start of the task's n_max^2 slice) for the backward; out and lse are the same either way.
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale_,
-                  const at::Tensor& bias, at::Tensor& out, at::Tensor& lse) {
+                  const at::Tensor& bias, at::Tensor& out, at::Tensor& lse, at::Tensor& probs) {
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
   const acc_t scale = static_cast<acc_t>(scale_);
@@ -279,6 +290,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  acc_t* kept = probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
   const auto gemm_rows = row_ops().gemm;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
@@ -290,7 +302,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
+        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3];
+        acc_t* S = buf[4];
+        acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
+        if (kept) std::fill(P_kept + n * n, P_kept + nmax * nmax, acc_t(0));  // a partial window's unused tail
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
         // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
         // the d outputs of a row instead of its n probabilities.
@@ -304,6 +319,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
             row_lse[i] = m + std::log(sum);
+            if (kept) rows.scale_copy(P_kept + i * n, row, n, inv[i]);  // normalised, for the backward
           }
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
@@ -339,10 +355,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       });
 }
 
+// P comes from `probs` (the forward's) when defined: one GEMM and the exp fewer; else it is
+// recomputed from q, k, the bias and lse.
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse, const WindowGeometry& g, double scale_,
-                   const at::Tensor& bias, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias_partial) {
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& probs, const WindowGeometry& g,
+                   double scale_, const at::Tensor& bias, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   at::Tensor& dbias_partial) {
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
   const acc_t scale = static_cast<acc_t>(scale_);
@@ -350,7 +369,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
   const scalar_t *op = out.const_data_ptr<scalar_t>(), *dop = dout.const_data_ptr<scalar_t>();
   scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(), *dvp = dv.mutable_data_ptr<scalar_t>();
-  const acc_t* lp = lse.const_data_ptr<acc_t>();
+  const acc_t* kept = probs.defined() ? probs.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* lp = kept ? nullptr : lse.const_data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
@@ -379,14 +399,28 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             }
           }
         };
-        // dS = P o (dP - delta), in place of P, and this task's own partial bias table.
+        // The probabilities: the forward's, read where they lie, or recomputed into P. dS then
+        // goes into dP's buffer (kept P is read-only: a second backward may need it) or in place
+        // of P.
+        const acc_t* Pr = kept ? kept + task * nmax * nmax : P;
+        acc_t* dS = kept ? dP : P;
+        auto probabilities = [&](auto&& logits) {
+          if (kept) return;
+          logits();
+          recompute_p();
+        };
+        // dS = P o (dP - delta) and this task's own partial bias table.
         auto softmax_grad = [&] {
           for (int64_t i = 0; i < n; ++i) {
-            rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
-            if (pp) rows.bias_acc(pp + task * table + reversed_bias_start(g, e, i), P + i * n, runs);
+            if (kept) {
+              rows.softmax_grad_dp(dP + i * n, Pr + i * n, n, delta[i]);
+            } else {
+              rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
+            }
+            if (pp) rows.bias_acc(pp + task * table + reversed_bias_start(g, e, i), dS + i * n, runs);
           }
         };
-        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
+        if (lp) for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (gemm_rows) {
             // float32 on the AVX-512 GEMM: q, k, dO, out are read and dq, dk, dv written in
@@ -402,7 +436,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for_tokens(e, sdq, b, head, [&](int64_t i, int64_t off) { dqr[i] = dqp + off; });
             for_tokens(e, sdk, b, head, [&](int64_t i, int64_t off) { dkr[i] = dkp + off; });
             for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
-            transpose_rows(Kt, kr, n, d, qr);
+            if (!kept) transpose_rows(Kt, kr, n, d, qr);  // K^T only for the logits
             transpose_rows(Vt, vr, n, d, nullptr);
             prefetch_rows(dor, 0, std::min<int64_t>(8, n), d);
             prefetch_rows(orow, 0, std::min<int64_t>(8, n), d);
@@ -412,33 +446,35 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                 prefetch_rows(orow, i + 8, std::min<int64_t>(i + 16, n), d);
               }
               delta[i] = rows.dot(dor[i], orow[i], d);
+              // The kept probabilities come from memory: ask for row i now, so that P^T dO, which
+              // reads them a few columns at a time across all rows, finds them in L2.
+              if (kept)
+                for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(Pr + i * n + j, 0, 2);
             }
-            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{P, n}, scale);
-            recompute_p();
-            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, dor}, OutRows{nullptr, 0, dvr}, 1.f);  // P^T dO
-            gemm_rows(false, n, n, d, InRows{nullptr, 0, dor}, InRows{Vt, n}, OutRows{dP, n}, 1.f);        // dO V^T
+            probabilities([&] { gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, n}, OutRows{P, n}, scale); });
+            gemm_rows(true, n, d, n, InRows{Pr, n}, InRows{nullptr, 0, dor}, OutRows{nullptr, 0, dvr}, 1.f);  // P^T dO
+            gemm_rows(false, n, n, d, InRows{nullptr, 0, dor}, InRows{Vt, n}, OutRows{dP, n}, 1.f);         // dO V^T
             softmax_grad();
-            gemm_rows(false, n, d, n, InRows{P, n}, InRows{nullptr, 0, kr}, OutRows{nullptr, 0, dqr}, scale);  // dS K
-            gemm_rows(true, n, d, n, InRows{P, n}, InRows{nullptr, 0, qr}, OutRows{nullptr, 0, dkr}, scale);   // dS^T Q
+            gemm_rows(false, n, d, n, InRows{dS, n}, InRows{nullptr, 0, kr}, OutRows{nullptr, 0, dqr}, scale);  // dS K
+            gemm_rows(true, n, d, n, InRows{dS, n}, InRows{nullptr, 0, qr}, OutRows{nullptr, 0, dkr}, scale);   // dS^T Q
             return;
           }
         }
         gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
         gather(K, kp, e, sk, b, head, d);
-        transpose(Kt, K, n, d);
+        if (!kept) transpose(Kt, K, n, d);
         gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
         transpose(Vt, dQ, n, d);
         gather(dO, dop, e, sdo, b, head, d);
         // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
         gather(dQ, op, e, so, b, head, d);
         for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
-        mm(n, n, d, Q, d, Kt, n, P, n);  // logits
-        recompute_p();
-        mm(n, d, n, P, n, dO, d, dV, d, true);  // dV = P^T dO
-        mm(n, n, d, dO, d, Vt, n, dP, n);       // dP = dO V^T
+        probabilities([&] { mm(n, n, d, Q, d, Kt, n, P, n); });
+        mm(n, d, n, Pr, n, dO, d, dV, d, true);  // dV = P^T dO
+        mm(n, n, d, dO, d, Vt, n, dP, n);        // dP = dO V^T
         softmax_grad();
-        mm(n, d, n, P, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
-        mm(n, d, n, P, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
+        mm(n, d, n, dS, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
+        mm(n, d, n, dS, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
         scatter(dqp, dQ, e, sdq, b, head, d, scale);
         scatter(dkp, dK, e, sdk, b, head, d);
         scatter(dvp, dV, e, sdv, b, head, d);
@@ -459,29 +495,33 @@ at::Tensor reversed_bias_table(const std::optional<at::Tensor>& bias, at::Scalar
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               at::IntArrayRef window, double scale,
-                                               const std::optional<at::Tensor>& rel_pos_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, at::IntArrayRef window, double scale,
+                                                           const std::optional<at::Tensor>& rel_pos_bias,
+                                                           bool keep_probs) {
   const at::ScalarType acc = acc_type(q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
-  if (q.numel() == 0) return {out, lse};
   const WindowGeometry g = geometry(q, window);
+  const int64_t nmax = max_window_tokens(g);
+  at::Tensor probs = keep_probs ? at::empty({q.size(0), num_windows(g), q.size(4), nmax * nmax}, q.options().dtype(acc))
+                                : at::empty({0}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse, probs};
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      forward_impl<double, double>(q, k, v, g, scale, bias, out, lse);
+      forward_impl<double, double>(q, k, v, g, scale, bias, out, lse, probs);
     } else {
-      forward_impl<scalar_t, float>(q, k, v, g, scale, bias, out, lse);
+      forward_impl<scalar_t, float>(q, k, v, g, scale, bias, out, lse, probs);
     }
   });
-  return {out, lse};
+  return {out, lse, probs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
-    bool bias_requires_grad) {
+    const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
+    const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
   const at::ScalarType acc = acc_type(q);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
@@ -498,9 +538,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor partial = want_dbias ? at::zeros({B * nwin, heads, table}, q.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention_backward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      backward_impl<double, double>(grad_out, q, k, v, out, lse, g, scale, bias, dq, dk, dv, partial);
+      backward_impl<double, double>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dq, dk, dv, partial);
     } else {
-      backward_impl<scalar_t, float>(grad_out, q, k, v, out, lse, g, scale, bias, dq, dk, dv, partial);
+      backward_impl<scalar_t, float>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dq, dk, dv, partial);
     }
   });
   if (!want_dbias) return {dq, dk, dv, at::empty({0}, q.options())};

@@ -8,15 +8,20 @@
 
 namespace walt::attn {
 
-// out (like q, contiguous) and lse (B, T, H, W, heads) in float32 (float64 for float64 inputs).
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               at::IntArrayRef window, double scale,
-                                               const std::optional<at::Tensor>& rel_pos_bias);
+// out (like q, contiguous), lse (B, T, H, W, heads) in float32 (float64 for float64 inputs) and,
+// with keep_probs, the softmax probabilities (B, windows, heads, n_max^2) in lse's dtype: window
+// task t's n x n block, row-major, at the start of its n_max^2 slice (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, at::IntArrayRef window, double scale,
+                                                           const std::optional<at::Tensor>& rel_pos_bias,
+                                                           bool keep_probs);
 
-// dq, dk, dv (contiguous, like q) and dbias (like rel_pos_bias, or an empty tensor when not requested).
+// dq, dk, dv (contiguous, like q) and dbias (like rel_pos_bias, or an empty tensor when not
+// requested). The probabilities come from `probs` (forward_cpu's) when defined, else they are
+// recomputed from q, k and lse.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
-    bool bias_requires_grad);
+    const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
+    const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad);
 
 }  // namespace walt::attn

@@ -8,6 +8,7 @@
 
 #include "checks.h"
 #include "kernel.h"
+#include "walt/window_geometry.h"
 
 namespace walt::attn {
 namespace {
@@ -81,7 +82,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                            at::IntArrayRef window, double scale,
                                            const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  return forward_cpu(q, k, v, window, scale, rel_pos_bias);
+  auto [out, lse, probs] = forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_keep_probs(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, at::IntArrayRef window,
+                                                                  double scale,
+                                                                  const std::optional<at::Tensor>& rel_pos_bias) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  return forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -89,7 +99,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
   check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  return backward_cpu(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad);
+  return backward_cpu(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kept_probs(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
+    const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
+  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  const WindowGeometry g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
+  const int64_t nmax = max_window_tokens(g);
+  const std::vector<int64_t> want{q.size(0), num_windows(g), q.size(4), nmax * nmax};
+  TORCH_CHECK(probs.sizes() == at::IntArrayRef(want) && probs.scalar_type() == lse.scalar_type() &&
+                  probs.device() == q.device() && probs.is_contiguous(),
+              "window_attention: probs must be the contiguous ", lse.scalar_type(), " tensor of shape ",
+              at::IntArrayRef(want), " that window_attention_keep_probs returned for these inputs, got ",
+              probs.scalar_type(), " of shape ", probs.sizes(), ".");
+  return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 }  // namespace
@@ -103,9 +129,20 @@ TORCH_LIBRARY_FRAGMENT(walt, m) {
       "window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int[3] window, float scale, Tensor? rel_pos_bias, bool bias_requires_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // The CPU training pair: the forward also returns the softmax probabilities, so the backward
+  // skips recomputing them (one of its five GEMMs) for n^2 floats per (window, head) of memory.
+  m.def(
+      "window_attention_keep_probs(Tensor q, Tensor k, Tensor v, int[3] window, float scale, Tensor? rel_pos_bias) "
+      "-> (Tensor out, Tensor lse, Tensor probs)");
+  m.def(
+      "window_attention_backward_kept_probs(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor probs, int[3] window, float scale, Tensor? rel_pos_bias, bool bias_requires_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 TORCH_LIBRARY_IMPL(walt, CPU, m) {
   m.impl("window_attention", &walt::attn::forward);
   m.impl("window_attention_backward", &walt::attn::backward);
+  m.impl("window_attention_keep_probs", &walt::attn::forward_keep_probs);
+  m.impl("window_attention_backward_kept_probs", &walt::attn::backward_kept_probs);
 }

@@ -6,6 +6,7 @@
 #include "rows.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -51,6 +52,12 @@ float exp_sum_base(float* x, int64_t n, float sub) {
 }
 void exp_base(float* x, int64_t n, float sub) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+}
+void scale_copy_base(float* dst, const float* src, int64_t n, float s) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
+}
+void softmax_grad_dp_base(float* dp, const float* p, int64_t n, float delta) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 void softmax_grad_base(float* p, const float* dp, int64_t n, float delta) {
   for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
@@ -131,6 +138,22 @@ WALT_AVX512 void exp_avx512(float* x, int64_t n, float sub) {
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 k = tail16(n - j);
     _mm512_mask_storeu_ps(x + j, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s)));
+  }
+}
+WALT_AVX512 void scale_copy_avx512(float* dst, const float* src, int64_t n, float s) {
+  const __m512 v = _mm512_set1_ps(s);
+  int64_t j = 0;
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63) != 0; ++j) dst[j] = src[j] * s;
+  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_mul_ps(_mm512_loadu_ps(src + j), v));
+  for (; j < n; ++j) dst[j] = src[j] * s;
+  _mm_sfence();  // streaming stores are weakly ordered: visible before another thread reads them
+}
+WALT_AVX512 void softmax_grad_dp_avx512(float* dp, const float* p, int64_t n, float delta) {
+  const __m512 d = _mm512_set1_ps(delta);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    const __m512 g = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), d);
+    _mm512_mask_storeu_ps(dp + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j), g));
   }
 }
 WALT_AVX512 void softmax_grad_avx512(float* p, const float* dp, int64_t n, float delta) {
@@ -260,12 +283,12 @@ RowOps pick() {
   (void)allow512;
   (void)allow2;
 #if defined(__x86_64__)
-  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, softmax_grad_avx512, dot_avx512,
+  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512,
                                                      bias_add_avx512, bias_acc_avx512, gemm_rows_avx512};
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, softmax_grad_avx2, dot_avx2, bias_add_base,
+  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, scale_copy_base, softmax_grad_avx2, softmax_grad_dp_base, dot_avx2, bias_add_base,
                                           bias_acc_base, nullptr};
 #endif
-  return {"baseline", max_base, exp_sum_base, exp_base, softmax_grad_base, dot_base, bias_add_base, bias_acc_base,
+  return {"baseline", max_base, exp_sum_base, exp_base, scale_copy_base, softmax_grad_base, softmax_grad_dp_base, dot_base, bias_add_base, bias_acc_base,
           nullptr};
 }
 

@@ -43,8 +43,13 @@ struct RowOps {
   float (*exp_sum)(float* x, int64_t n, float sub);
   // x[j] = exp(x[j] - sub) in place.
   void (*exp)(float* x, int64_t n, float sub);
+  // dst[j] = src[j] * s, with streaming stores where dst is 64-byte aligned: dst is the
+  // probabilities kept for the backward, not read again soon.
+  void (*scale_copy)(float* dst, const float* src, int64_t n, float s);
   // p[j] = p[j] * (dp[j] - delta): the softmax backward, dS = P o (dP - rowsum(dO o O)).
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
+  // dp[j] = p[j] * (dp[j] - delta): the same, into dp (p is the forward's kept probabilities).
+  void (*softmax_grad_dp)(float* dp, const float* p, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
   // row += bias of its keys, from the reversed table `rev` at the row's first run (BiasRuns).

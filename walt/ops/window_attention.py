@@ -4,6 +4,8 @@ Semantics are those of `walt.ops.reference.window_attention_reference`; see that
 The kernel reads q, k, v in place (any strides, unit stride on d), so views of one fused qkv
 projection need no copy.
 """
+import os
+
 import torch
 
 __all__ = ["window_attention"]
@@ -11,6 +13,10 @@ __all__ = ["window_attention"]
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The CPU kernel keeps a window's whole n x n logit block per thread (csrc/window_attention/op.cpp).
 MAX_WINDOW_TOKENS = 2048
+# When gradients are needed on the CPU, the forward keeps the softmax probabilities for the
+# backward if they take at most this much memory per call (WALT_ATTENTION_KEEP_PROBS_MB, default
+# 1024; 0 always recomputes them, flash-attention style).
+KEEP_PROBS_MAX_BYTES = int(float(os.environ.get("WALT_ATTENTION_KEEP_PROBS_MB", "1024")) * 2**20)
 
 
 def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
@@ -28,12 +34,42 @@ def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
     input's precision, for any d. It does not use TF32 unless torch's float32 matmul precision
     allows it (torch.backends.cuda.matmul.allow_tf32, off by default), and it holds the windows'
     logits, O(B * heads * windows * n^2) memory for n tokens per window.
+
+    Memory for the backward: q, k, v, the output and one float per query and head (logsumexp).
+    On the CPU, when a gradient is needed, the forward also keeps the softmax probabilities
+    (B * windows * heads * n^2 floats, about n / d times the size of q) if they fit in
+    KEEP_PROBS_MAX_BYTES, and the backward then skips recomputing them: one GEMM of its five. On a
+    CPU that GEMM costs more than the memory; GPUs recompute.
     """
     window = _check(q, k, v, window, scale, rel_pos_bias)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = torch.ops.walt.window_attention(q, k, v, window, float(scale), rel_pos_bias)
+    if _keep_probs(q, k, v, window, rel_pos_bias):
+        out, _, _ = torch.ops.walt.window_attention_keep_probs(q, k, v, window, float(scale), rel_pos_bias)
+    else:
+        out, _ = torch.ops.walt.window_attention(q, k, v, window, float(scale), rel_pos_bias)
     return out
+
+
+def _windows_and_tokens(shape, window):
+    """(number of windows, tokens of a full window) of a (B, T, H, W, ...) input."""
+    windows, tokens = 1, 1
+    for w, size in zip(window, shape[1:4]):
+        w = min(w, size)
+        windows *= -(-size // w)
+        tokens *= w
+    return windows, tokens
+
+
+def _keep_probs(q, k, v, window, rel_pos_bias):
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    leaves = (q, k, v) if rel_pos_bias is None else (q, k, v, rel_pos_bias)
+    if not any(x.requires_grad for x in leaves):
+        return False
+    windows, tokens = _windows_and_tokens(q.shape, window)
+    itemsize = 8 if q.dtype == torch.float64 else 4
+    return q.shape[0] * windows * q.shape[4] * tokens**2 * itemsize <= KEEP_PROBS_MAX_BYTES
 
 
 def _check(q, k, v, window, scale, rel_pos_bias):
@@ -108,6 +144,20 @@ def _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bia
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
 
 
+def _fake_forward_keep_probs(q, k, v, window, scale, rel_pos_bias):
+    windows, tokens = _windows_and_tokens(q.shape, window)
+    probs = q.new_empty((q.shape[0], windows, q.shape[4], tokens * tokens), dtype=_lse_dtype(q))
+    return (*_fake_forward(q, k, v, window, scale, rel_pos_bias), probs)
+
+
+def _fake_backward_kept_probs(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad):
+    return _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad)
+
+
+torch.library.register_fake("walt::window_attention_keep_probs")(_fake_forward_keep_probs)
+torch.library.register_fake("walt::window_attention_backward_kept_probs")(_fake_backward_kept_probs)
+
+
 # The fused op and its composite twin (csrc/window_attention/composite.cpp, the float32/float64
 # path on CUDA, exposed as private ops for tests) have the same outputs.
 for _name in ("window_attention", "_window_attention_composite"):
@@ -122,9 +172,12 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_requires_grad = rel_pos_bias is not None and ctx.needs_input_grad[5]
     ctx.save_for_backward(q, k, v, out, lse, rel_pos_bias)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero gradient for lse
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # no gradient reached out (grads are not materialised as zeros)
+        return None, None, None, None, None, None
     q, k, v, out, lse, rel_pos_bias = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # e.g. expanded from a sum(); the kernel reads d-vectors in place
         grad_out = grad_out.contiguous()
@@ -135,3 +188,30 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("walt::window_attention", _backward, setup_context=_setup_context)
+
+
+def _setup_context_keep_probs(ctx, inputs, output):
+    q, k, v, window, scale, rel_pos_bias = inputs
+    out, lse, probs = output
+    ctx.window, ctx.scale = window, scale
+    ctx.bias_requires_grad = rel_pos_bias is not None and ctx.needs_input_grad[5]
+    ctx.save_for_backward(q, k, v, out, lse, probs, rel_pos_bias)
+    ctx.mark_non_differentiable(lse, probs)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient as large as probs
+
+
+def _backward_kept_probs(ctx, grad_out, _grad_lse, _grad_probs):
+    if grad_out is None:
+        return None, None, None, None, None, None
+    q, k, v, out, lse, probs, rel_pos_bias = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv, dbias = torch.ops.walt.window_attention_backward_kept_probs(
+        grad_out, q, k, v, out, lse, probs, ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad
+    )
+    return dq, dk, dv, None, None, dbias if ctx.bias_requires_grad else None
+
+
+torch.library.register_autograd(
+    "walt::window_attention_keep_probs", _backward_kept_probs, setup_context=_setup_context_keep_probs
+)
