@@ -142,11 +142,10 @@ WALT_AVX512 void exp_avx512(float* x, int64_t n, float sub) {
 }
 WALT_AVX512 void scale_copy_avx512(float* dst, const float* src, int64_t n, float s) {
   const __m512 v = _mm512_set1_ps(s);
-  int64_t j = 0;
-  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63) != 0; ++j) dst[j] = src[j] * s;
-  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_mul_ps(_mm512_loadu_ps(src + j), v));
-  for (; j < n; ++j) dst[j] = src[j] * s;
-  _mm_sfence();  // streaming stores are weakly ordered: visible before another thread reads them
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail16(n - j);
+    _mm512_mask_storeu_ps(dst + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, src + j), v));
+  }
 }
 WALT_AVX512 void softmax_grad_dp_avx512(float* dp, const float* p, int64_t n, float delta) {
   const __m512 d = _mm512_set1_ps(delta);

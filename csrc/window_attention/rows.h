@@ -43,8 +43,8 @@ struct RowOps {
   float (*exp_sum)(float* x, int64_t n, float sub);
   // x[j] = exp(x[j] - sub) in place.
   void (*exp)(float* x, int64_t n, float sub);
-  // dst[j] = src[j] * s, with streaming stores where dst is 64-byte aligned: dst is the
-  // probabilities kept for the backward, not read again soon.
+  // dst[j] = src[j] * s. (Plain stores: streaming ones measured slower, the kept probabilities
+  // of a small model's layers stay in L2/L3 until the backward reads them.)
   void (*scale_copy)(float* dst, const float* src, int64_t n, float s);
   // p[j] = p[j] * (dp[j] - delta): the softmax backward, dS = P o (dP - rowsum(dO o O)).
   void (*softmax_grad)(float* p, const float* dp, int64_t n, float delta);
