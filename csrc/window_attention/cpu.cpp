@@ -187,6 +187,12 @@ inline int64_t reversed_bias_start(const WindowGeometry& g, const WindowExtent& 
   return bias_table_size(g) - 1 - bias_index(g, local_coords(e, i), Coord3{0, 0, 0});
 }
 
+// The bias of a full window, dense: (heads, n_max, n_max), row i of head h the bias of query i's
+// keys. Every full window has the same one, so the tasks add it with one vector pass per row
+// instead of a run per key (t, h); partial windows use the runs. Built once per call when it
+// takes at most kDenseBiasElems elements (32 MiB of float32), else empty.
+constexpr int64_t kDenseBiasElems = int64_t(1) << 23;
+
 // Row loops: float32 uses the run-time dispatched SIMD loops; float64 (gradcheck, oracle
 // comparisons) plain loops with std::exp.
 struct RowsF {
@@ -198,6 +204,7 @@ struct RowsF {
   void softmax_grad_dp(float* dp, const float* p, int64_t n, float delta) const { ops.softmax_grad_dp(dp, p, n, delta); }
   void softmax_grad(float* p, const float* dp, int64_t n, float delta) const { ops.softmax_grad(p, dp, n, delta); }
   float dot(const float* a, const float* b, int64_t n) const { return ops.dot(a, b, n); }
+  void add(float* x, const float* b, int64_t n) const { ops.add(x, b, n); }
   void bias_add(float* row, const float* rev, const BiasRuns& r) const { ops.bias_add(row, rev, r); }
   void bias_acc(float* rev, const float* row, const BiasRuns& r) const { ops.bias_acc(rev, row, r); }
 };
@@ -228,6 +235,9 @@ struct RowsD {
     double s = 0;
     for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
     return s;
+  }
+  void add(double* x, const double* b, int64_t n) const {
+    for (int64_t j = 0; j < n; ++j) x[j] += b[j];
   }
   void bias_add(double* row, const double* rev, const BiasRuns& r) const {
     for (int64_t t = 0; t < r.et; ++t)
@@ -281,7 +291,8 @@ inline Task decode_task(const WindowGeometry& g, int64_t heads, int64_t nwin, in
 // the start of the task's n_max^2 slice) for the backward; out and lse are the same either way.
 template <typename scalar_t, typename acc_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale_,
-                  const at::Tensor& bias, at::Tensor& out, at::Tensor& lse, at::Tensor& probs) {
+                  const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& out, at::Tensor& lse,
+                  at::Tensor& probs) {
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
   const acc_t scale = static_cast<acc_t>(scale_);
@@ -290,6 +301,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* dbp = dense_bias.defined() ? dense_bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* kept = probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
   const auto gemm_rows = row_ops().gemm;
@@ -314,7 +326,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int64_t i = 0; i < n; ++i) {
             per_row(i);
             acc_t* row = S + i * n;
-            if (bp) rows.bias_add(row, bp + head * table + reversed_bias_start(g, e, i), runs);
+            if (dbp && n == nmax) {
+              rows.add(row, dbp + (head * nmax + i) * nmax, n);
+            } else if (bp) {
+              rows.bias_add(row, bp + head * table + reversed_bias_start(g, e, i), runs);
+            }
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
@@ -360,8 +376,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& probs, const WindowGeometry& g,
-                   double scale_, const at::Tensor& bias, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                   at::Tensor& dbias_partial) {
+                   double scale_, const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias_partial) {
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
   const acc_t scale = static_cast<acc_t>(scale_);
@@ -372,6 +388,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const acc_t* kept = probs.defined() ? probs.const_data_ptr<acc_t>() : nullptr;
   const acc_t* lp = kept ? nullptr : lse.const_data_ptr<acc_t>();
   const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* dbp = dense_bias.defined() ? dense_bias.const_data_ptr<acc_t>() : nullptr;
   acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
   const Rows<acc_t> rows;
   const auto gemm_rows = row_ops().gemm;
@@ -391,7 +408,11 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const BiasRuns runs = bias_runs(g, e);
         auto recompute_p = [&] {
           for (int64_t i = 0; i < n; ++i) {
-            if (bp) rows.bias_add(P + i * n, bp + head * table + reversed_bias_start(g, e, i), runs);
+            if (dbp && n == nmax) {
+              rows.add(P + i * n, dbp + (head * nmax + i) * nmax, n);
+            } else if (bp) {
+              rows.bias_add(P + i * n, bp + head * table + reversed_bias_start(g, e, i), runs);
+            }
             if (stat[i] == -inf) {  // fully masked row: P = 0
               std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
             } else {
@@ -493,6 +514,24 @@ at::Tensor reversed_bias_table(const std::optional<at::Tensor>& bias, at::Scalar
   return bias.has_value() ? bias->to(acc).flip({1, 2, 3}).contiguous() : at::Tensor();
 }
 
+// The dense bias of a full window (see kDenseBiasElems) from the reversed table, or an empty tensor.
+at::Tensor dense_bias(const at::Tensor& reversed, const WindowGeometry& g) {
+  const int64_t nmax = max_window_tokens(g), table = bias_table_size(g);
+  if (!reversed.defined() || reversed.size(0) * nmax * nmax > kDenseBiasElems) return at::Tensor();
+  at::Tensor dense = at::zeros({reversed.size(0), nmax, nmax}, reversed.options());
+  const WindowExtent e = window_extent(g, 0);  // the first window is always full
+  const BiasRuns runs = bias_runs(g, e);
+  AT_DISPATCH_FLOATING_TYPES(reversed.scalar_type(), "walt::window_attention_dense_bias", [&] {
+    const Rows<scalar_t> rows;
+    const scalar_t* rev = reversed.const_data_ptr<scalar_t>();
+    scalar_t* out = dense.mutable_data_ptr<scalar_t>();
+    for (int64_t h = 0; h < reversed.size(0); ++h)
+      for (int64_t i = 0; i < nmax; ++i)
+        rows.bias_add(out + (h * nmax + i) * nmax, rev + h * table + reversed_bias_start(g, e, i), runs);
+  });
+  return dense;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -508,11 +547,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, 
                                 : at::empty({0}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse, probs};
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
+  const at::Tensor dense = dense_bias(bias, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      forward_impl<double, double>(q, k, v, g, scale, bias, out, lse, probs);
+      forward_impl<double, double>(q, k, v, g, scale, bias, dense, out, lse, probs);
     } else {
-      forward_impl<scalar_t, float>(q, k, v, g, scale, bias, out, lse, probs);
+      forward_impl<scalar_t, float>(q, k, v, g, scale, bias, dense, out, lse, probs);
     }
   });
   return {out, lse, probs};
@@ -532,15 +572,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   }
   const WindowGeometry g = geometry(q, window);
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
+  const at::Tensor dense = probs.defined() ? at::Tensor() : dense_bias(bias, g);  // only to recompute P
   const int64_t B = q.size(0), heads = q.size(4), nwin = num_windows(g), table = bias_table_size(g);
   // One partial table per task (reversed, like the forward's), reduced below in a fixed order: no atomics, no dependence on
   // which thread ran which task.
   at::Tensor partial = want_dbias ? at::zeros({B * nwin, heads, table}, q.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention_backward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      backward_impl<double, double>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dq, dk, dv, partial);
+      backward_impl<double, double>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dense, dq, dk, dv, partial);
     } else {
-      backward_impl<scalar_t, float>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dq, dk, dv, partial);
+      backward_impl<scalar_t, float>(grad_out, q, k, v, out, lse, probs, g, scale, bias, dense, dq, dk, dv, partial);
     }
   });
   if (!want_dbias) return {dq, dk, dv, at::empty({0}, q.options())};

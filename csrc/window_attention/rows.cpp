@@ -68,6 +68,9 @@ float dot_base(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+void add_base(float* x, const float* b, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] += b[j];
+}
 void bias_add_base(float* row, const float* rev, const BiasRuns& r) {
   for (int64_t t = 0; t < r.et; ++t)
     for (int64_t h = 0; h < r.eh; ++h)
@@ -189,6 +192,7 @@ WALT_AVX512 inline void add_run(float* y, const float* x, int64_t n) {
   }
   for (; w < n; ++w) y[w] += x[w];
 }
+WALT_AVX512 void add_avx512(float* x, const float* b, int64_t n) { add_run(x, b, n); }
 WALT_AVX512 void bias_add_avx512(float* row, const float* rev, const BiasRuns& r) {
   for (int64_t t = 0; t < r.et; ++t)
     for (int64_t h = 0; h < r.eh; ++h) add_run(row + (t * r.eh + h) * r.ew, rev + t * r.step_t + h * r.step_h, r.ew);
@@ -282,12 +286,12 @@ RowOps pick() {
   (void)allow512;
   (void)allow2;
 #if defined(__x86_64__)
-  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512,
+  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512, add_avx512,
                                                      bias_add_avx512, bias_acc_avx512, gemm_rows_avx512};
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, scale_copy_base, softmax_grad_avx2, softmax_grad_dp_base, dot_avx2, bias_add_base,
+  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, exp_avx2, scale_copy_base, softmax_grad_avx2, softmax_grad_dp_base, dot_avx2, add_base, bias_add_base,
                                           bias_acc_base, nullptr};
 #endif
-  return {"baseline", max_base, exp_sum_base, exp_base, scale_copy_base, softmax_grad_base, softmax_grad_dp_base, dot_base, bias_add_base, bias_acc_base,
+  return {"baseline", max_base, exp_sum_base, exp_base, scale_copy_base, softmax_grad_base, softmax_grad_dp_base, dot_base, add_base, bias_add_base, bias_acc_base,
           nullptr};
 }
 

@@ -52,6 +52,8 @@ struct RowOps {
   void (*softmax_grad_dp)(float* dp, const float* p, int64_t n, float delta);
   // sum_j a[j] * b[j]
   float (*dot)(const float* a, const float* b, int64_t n);
+  // x[j] += b[j]
+  void (*add)(float* x, const float* b, int64_t n);
   // row += bias of its keys, from the reversed table `rev` at the row's first run (BiasRuns).
   void (*bias_add)(float* row, const float* rev, const BiasRuns& runs);
   // rev += row, scattered the same way: the row's contribution to the bias gradient.
