@@ -15,6 +15,7 @@
 // each operand the way this loop reads it. Compared with calling the BLAS, this also drops its
 // per-call packing of both operands and its separate pass over C for beta = 0.
 #include <cstdint>
+#include <cstring>
 
 #include "rows.h"
 
@@ -29,12 +30,12 @@ namespace {
 
 // One tile of MR rows x 16 NV columns (NV zmm vectors per row); FULL: all columns exist, else
 // the masks m[0..NV) select them. ar: the MR rows of A (or, with TA, at = A + first row, element
-// (r, k) at at[k * lda + r]); cr: the MR output rows, already offset to the tile's first column;
+// (r, k) at at[k * lda + r]); bpanel: B's rows k0.. at the tile's first column, ldb apart;
+// cr: the MR output rows, already offset to the tile's first column;
 // mul: each output row's multiplier; accumulate: add to C instead of overwriting it.
-template <int MR, int NV, bool TA, bool BP, bool FULL>
+template <int MR, int NV, bool TA, bool FULL>
 __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, const float* const* ar, const float* at,
-                                                      int64_t lda, const float* bbase, int64_t ldb,
-                                                      const float* const* bptr, int64_t j, float* const* cr,
+                                                      int64_t lda, const float* bpanel, int64_t ldb, float* const* cr,
                                                       const float* mul, const __mmask16* m, bool accumulate) {
   // Every loop over r and q is fully unrolled so the accumulators live in registers.
   const float* a[MR];
@@ -46,7 +47,7 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, c
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) c[r][q] = _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
-    const float* b = BP ? bptr[k] + j : bbase + k * ldb + j;
+    const float* b = bpanel + (k - k0) * ldb;
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) bv[q] = FULL ? _mm512_loadu_ps(b + 16 * q) : _mm512_maskz_loadu_ps(m[q], b + 16 * q);
@@ -74,9 +75,10 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, c
 }
 
 // Rows [i, i + MR) x columns [j, j + 16 NV) of C, over k in [k0, k1).
-template <int MR, int NV, bool TA, bool BP>
+template <int MR, int NV, bool TA>
 __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t k0, int64_t k1, int64_t N,
-                                                 const InRows& A, const InRows& B, const OutRows& C, float alpha) {
+                                                 const InRows& A, const float* bpanel, int64_t ldb, const OutRows& C,
+                                                 float alpha) {
   const float* ar[MR];
   float* cr[MR];
   float mul[MR];
@@ -89,33 +91,34 @@ __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t 
   const bool accumulate = k0 > 0;
   const int64_t left = N - j;
   if (left >= 16 * NV) {
-    tile<MR, NV, TA, BP, true>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, nullptr, accumulate);
+    tile<MR, NV, TA, true>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, mul, nullptr, accumulate);
   } else {
     __mmask16 m[NV];
     for (int q = 0; q < NV; ++q) {
       const int64_t in = left - 16 * q;  // columns of this vector that exist
       m[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
-    tile<MR, NV, TA, BP, false>(k0, k1, ar, at, A.ld, B.base, B.ld, B.ptr, j, cr, mul, m, accumulate);
+    tile<MR, NV, TA, false>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, mul, m, accumulate);
   }
 }
 
 // All rows of one column panel [j, j + 16 NV): blocks of MR rows, then the leftovers.
-template <int MR, int NV, bool TA, bool BP>
+template <int MR, int NV, bool TA>
 __attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, int64_t k1, int64_t N,
-                                             const InRows& A, const InRows& B, const OutRows& C, float alpha) {
+                                             const InRows& A, const float* bpanel, int64_t ldb, const OutRows& C,
+                                             float alpha) {
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) row_block<MR, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
+  for (; i + MR <= m; i += MR) row_block<MR, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha);
   if constexpr (MR > 4) {
     if (i + 4 <= m) {
-      row_block<4, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha);
+      row_block<4, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha);
       i += 4;
     }
   }
   switch (m - i) {
-    case 3: row_block<3, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
-    case 2: row_block<2, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
-    case 1: row_block<1, NV, TA, BP>(i, j, k0, k1, N, A, B, C, alpha); break;
+    case 3: row_block<3, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
+    case 2: row_block<2, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
+    case 1: row_block<1, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
     default: break;
   }
 }
@@ -123,26 +126,48 @@ __attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, 
 // Blocked so that the B panel a tile streams through, kKC rows x 64 columns (16 KiB), stays in
 // L1 while every row block of C passes over it: k blocks outermost, then column panels, then
 // rows. A window's K = n operand (up to 320 x 64 floats) would not fit L1 whole; later k blocks
-// add into C, so the summation order is fixed by the blocking alone. Narrow products (N = d of
+// add into C, so the summation order is fixed by the blocking alone. When B's rows are window
+// tokens read in place (a stride of 3 heads d floats in a fused qkv tensor: 6 KiB for 8 heads of
+// 64), each panel is first copied to a contiguous buffer: at such power-of-two strides the
+// panel's lines fall into a few L1 sets and evict one another, and for d = 16 every B row of the
+// k loop was an L2 round trip. The copy costs K x 64 loads against m x K x 64 FMAs. Narrow products (N = d of
 // 16 or 32, the small models' heads) use tiles of one or two vectors and 8 rows instead of 4 x 4
 // vectors, so no FMA works on masked-off columns; so do the last columns of wider products (an
 // 80-token window's logits: one 64-wide panel and one 16-wide, not a 4 x 4 tile 3/4 masked).
 constexpr int64_t kKC = 64;
+constexpr int64_t kNC = 64;
 
 template <bool TA, bool BP>
 __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                                             const OutRows& C, float alpha) {
+  alignas(64) float packed[BP ? kKC * kNC : 1];
   for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {  // K = 0 still writes C = 0 once
     const int64_t k1 = K - k0 > kKC ? k0 + kKC : K;
-    if (N <= 16) {
-      panel<8, 1, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
-    } else if (N <= 32) {
-      panel<8, 2, TA, BP>(m, 0, k0, k1, N, A, B, C, alpha);
-    } else {  // 64-wide panels, then the last < 64 columns in 32- and 16-wide ones
-      int64_t j = 0;
-      for (; j + 64 <= N; j += 64) panel<4, 4, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
-      for (; j + 16 < N; j += 32) panel<8, 2, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
-      if (j < N) panel<8, 1, TA, BP>(m, j, k0, k1, N, A, B, C, alpha);
+    // Columns [j, j + width) of B's rows [k0, k1): where they lie, or packed when B's rows are
+    // window tokens read in place (see above).
+    auto bpanel = [&](int64_t j, int64_t width, int64_t& ldb) -> const float* {
+      if constexpr (!BP) {
+        ldb = B.ld;
+        return B.base + k0 * B.ld + j;
+      } else {
+        ldb = width;
+        for (int64_t k = k0; k < k1; ++k) std::memcpy(packed + (k - k0) * width, B.ptr[k] + j, sizeof(float) * width);
+        return packed;
+      }
+    };
+    int64_t ldb = 0;
+    int64_t j = 0;
+    for (; j + kNC <= N; j += kNC) {
+      const float* b = bpanel(j, kNC, ldb);
+      panel<4, 4, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
+    }
+    for (; j + 16 < N; j += 32) {
+      const float* b = bpanel(j, N - j < 32 ? N - j : 32, ldb);
+      panel<8, 2, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
+    }
+    if (j < N) {
+      const float* b = bpanel(j, N - j, ldb);
+      panel<8, 1, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
     }
   }
 }
