@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import walt  # noqa: F401
+from attention_inputs import make_inputs as make_qkv
 from walt.ops.reference import window_attention_reference, window_attention_sdpa
 
 fwd = torch.ops.walt._window_attention_composite
@@ -20,21 +21,9 @@ def two_threads():
 
 
 def make_inputs(shape, dtype, layout, bias, window, seed=0):
-    """q, k, v, grad_out and a bias table. "fused": views of one qkv tensor; "contiguous": three
-    tensors; "strided": heads-first storage permuted to heads-last and padded on d."""
-    g = torch.Generator().manual_seed(seed)
-    B, T, H, W, heads, d = shape
-    if layout == "fused":
-        q, k, v = torch.randn(B, T, H, W, 3, heads, d, generator=g).to(dtype).unbind(4)
-    elif layout == "contiguous":
-        q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
-    else:
-        q, k, v = (
-            torch.randn(B, heads, T, H, W, d + 3, generator=g).to(dtype)[..., :d].permute(0, 2, 3, 4, 1, 5)
-            for _ in range(3)
-        )
-    table = torch.randn(heads, *(2 * w - 1 for w in window), generator=g).to(dtype) if bias else None
-    grad = torch.randn(shape, generator=g).to(dtype)
+    """q, k, v and a bias table (attention_inputs.make_inputs), and a gradient for the output."""
+    q, k, v, table = make_qkv(shape, dtype, layout, bias, window, seed)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     return q, k, v, table, grad
 
 
