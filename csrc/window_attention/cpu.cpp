@@ -13,6 +13,11 @@
 // thread runs it, so results are bitwise identical across runs and thread counts. The bias
 // gradient is summed from per-task partial tables in a fixed order.
 //
+// The backward recomputes P from q, k and the logsumexp (flash-attention style), unless the
+// forward kept it (window_attention_keep_probs, chosen by walt/ops/window_attention.py when
+// training on the CPU within a memory budget): then it reads P in place and skips one of its
+// five GEMMs, the exp and K's transposition.
+//
 // Every product is written as row-major C = op(A) B. On AVX-512 CPUs float32 products run on the
 // kernel's own GEMM (gemm_avx512.cpp); otherwise, and for float64, they go to the BLAS PyTorch
 // links (MKL here) through its Fortran interface.
