@@ -179,6 +179,13 @@ def test_kept_probabilities_are_the_softmax_and_give_the_recomputed_gradients():
         torch.ops.walt.window_attention_backward_kept_probs(grad, q, k, v, out, lse, probs[:, :1], list(window), 0.25, table, True)
 
 
+def test_keep_probs_budget_from_the_environment():
+    assert OPS._keep_probs_budget("0") == 0 and OPS._keep_probs_budget("1.5") == 3 * 2**19
+    for bad in ("lots", "-1", "nan"):
+        with pytest.raises(ValueError, match="WALT_ATTENTION_KEEP_PROBS_MB must be a number of MiB >= 0"):
+            OPS._keep_probs_budget(bad)
+
+
 def test_probabilities_are_kept_only_when_training_on_cpu_within_the_budget(monkeypatch):
     q, k, v, _ = make_inputs((1, 2, 4, 4, 2, 8), torch.float32, "contiguous")
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]

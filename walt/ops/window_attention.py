@@ -16,7 +16,17 @@ MAX_WINDOW_TOKENS = 2048
 # When gradients are needed on the CPU, the forward keeps the softmax probabilities for the
 # backward if they take at most this much memory per call (WALT_ATTENTION_KEEP_PROBS_MB, default
 # 1024; 0 always recomputes them, flash-attention style).
-KEEP_PROBS_MAX_BYTES = int(float(os.environ.get("WALT_ATTENTION_KEEP_PROBS_MB", "1024")) * 2**20)
+def _keep_probs_budget(value):
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise ValueError(f"WALT_ATTENTION_KEEP_PROBS_MB must be a number of MiB >= 0 (0: always recompute), got {value!r}.")
+    return int(mb * 2**20)
+
+
+KEEP_PROBS_MAX_BYTES = _keep_probs_budget(os.environ.get("WALT_ATTENTION_KEEP_PROBS_MB", "1024"))
 
 
 def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
