@@ -179,6 +179,22 @@ def test_kept_probabilities_are_the_softmax_and_give_the_recomputed_gradients():
         torch.ops.walt.window_attention_backward_kept_probs(grad, q, k, v, out, lse, probs[:, :1], list(window), 0.25, table, True)
 
 
+def test_float32_softmax_is_within_a_few_ulp_over_the_whole_exp_range():
+    # One query against 2000 keys whose logits run from -87 to 0 (d = 1, q = 1, scale 1): the kept
+    # probabilities are the kernel's exp / sum, compared with float64 row by row.
+    n = 2000
+    logits = torch.linspace(-87.0, 0.0, n, dtype=torch.float32)
+    q = torch.ones(1, 1, 1, n, 1, 1)
+    k = logits.reshape(1, 1, 1, n, 1, 1)
+    out, lse, probs = torch.ops.walt.window_attention_keep_probs(q, k, k, [1, 1, n], 1.0, None)
+    ref = torch.softmax(logits.double(), 0)
+    got = probs[0, 0, 0, :n].double()
+    normal = ref > 1e-36  # well inside float32's normal range; below it, subnormals lose digits
+    assert ((got[normal] - ref[normal]).abs() / ref[normal]).max() < 6e-7
+    assert (got[~normal] - ref[~normal]).abs().max() < 1e-38
+    torch.testing.assert_close(lse[0, 0, 0, 0, 0].double(), torch.logsumexp(logits.double(), 0), rtol=1e-6, atol=1e-6)
+
+
 def test_keep_probs_budget_from_the_environment():
     assert OPS._keep_probs_budget("0") == 0 and OPS._keep_probs_budget("1.5") == 3 * 2**19
     for bad in ("lots", "-1", "nan"):

@@ -1,8 +1,9 @@
-// See rows.h. The exp is Cephes' expf scheme: n = round(x log2 e), r = x - n ln 2 (split in two
-// constants for precision), exp(r) by a degree-7 polynomial, 1 + r + r^2 P(r) (~1 ulp on
-// [-ln2/2, ln2/2]), times 2^n (scalef on AVX-512, exponent bits on AVX2). Inputs are logits minus their row max (<= 0), so the upper
-// clamp never binds in practice; below -87.3 the true value is subnormal and we return 0, which
-// also maps -inf (masked logits) to exactly 0. NaN stays NaN.
+// See rows.h. The AVX2 exp is Cephes' expf scheme: n = round(x log2 e), r = x - n ln 2 (split in
+// two constants for precision), exp(r) by a degree-7 polynomial, 1 + r + r^2 P(r) (~1 ulp on
+// [-ln2/2, ln2/2]), times 2^n from exponent bits; the AVX-512 one (exp16) evaluates 2^f instead,
+// with fewer operations. Inputs are logits minus their row max (<= 0), so the upper clamp never
+// binds in practice; below -87.3 the true value is subnormal and we return 0, which also maps
+// -inf (masked logits) to exactly 0. NaN stays NaN.
 #include "rows.h"
 
 #include <cmath>
@@ -86,21 +87,28 @@ void bias_acc_base(float* rev, const float* row, const BiasRuns& r) {
 // ---------------------------------------------------------------- AVX-512F
 #define WALT_AVX512 __attribute__((target("avx512f")))
 
+// AVX-512 takes a cheaper route than Cephes' (9 FMA-pipe operations instead of 11: the exp is
+// the largest cost of a forward after the GEMMs): f = x log2 e - n in [-1/2, 1/2], computed with
+// log2 e split in two floats and fused multiply-adds, so f is exact to a rounding; 2^f by a
+// degree-5 polynomial fitted for relative error (7.5e-8 on the interval); 2^n by scalef. Within
+// 1.9 ulp of exp over [-87.3, 0] (checked against float64 at 2e6 points per range).
+constexpr float kLog2eHi = 1.44269502162933349609375f;  // float(log2 e)
+constexpr float kLog2eLo = 1.925963033500011e-08f;      // log2 e - kLog2eHi
+constexpr float kE0 = 1.0000000716545798f, kE1 = 0.6931469670614677f, kE2 = 0.2402211972418474f;
+constexpr float kE3 = 0.05550713278876275f, kE4 = 0.009675541320609927f, kE5 = 0.001327647025394137f;
+
 WALT_AVX512 inline __m512 exp16(__m512 x) {
-  // scalef applies 2^n without building exponent bits, so no clamping is needed; below
-  // kExpLo (and for -inf, where r would be NaN) the result is forced to 0.
+  // Below kExpLo (and for -inf, where f would be NaN) the result is forced to 0.
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kP0);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2eHi)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2eHi), n);
+  f = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2eLo), f);
+  __m512 p = _mm512_set1_ps(kE5);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE0));
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
