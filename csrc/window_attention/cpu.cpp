@@ -204,6 +204,7 @@ struct RowsF {
   const RowOps& ops = row_ops();
   float max(const float* x, int64_t n) const { return ops.max(x, n); }
   float exp_sum(float* x, int64_t n, float sub) const { return ops.exp_sum(x, n, sub); }
+  void log_add(float* lse, const float* m, int64_t n) const { ops.log_add(lse, m, n); }
   void exp(float* x, int64_t n, float sub) const { ops.exp(x, n, sub); }
   void scale_copy(float* dst, const float* src, int64_t n, float s) const { ops.scale_copy(dst, src, n, s); }
   void softmax_grad_dp(float* dp, const float* p, int64_t n, float delta) const { ops.softmax_grad_dp(dp, p, n, delta); }
@@ -223,6 +224,9 @@ struct RowsD {
     double s = 0;
     for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - sub));
     return s;
+  }
+  void log_add(double* lse, const double* m, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) lse[i] = m[i] + std::log(lse[i]);
   }
   void exp(double* x, int64_t n, double sub) const {
     for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
@@ -323,7 +327,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         acc_t* S = buf[4];
         acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
         if (kept) std::fill(P_kept + n * n, P_kept + nmax * nmax, acc_t(0));  // a partial window's unused tail
-        acc_t *inv = buf[5], *row_lse = buf[5] + nmax;  // a slice holds >= 2 nmax elements
+        acc_t *inv = buf[5], *row_lse = buf[5] + nmax, *row_max = buf[5] + 2 * nmax;  // a slice holds >= 3 nmax
         // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
         // the d outputs of a row instead of its n probabilities.
         auto softmax = [&](auto&& per_row) {
@@ -339,9 +343,11 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
-            row_lse[i] = m + std::log(sum);
+            row_max[i] = m;
+            row_lse[i] = sum;  // made the logsumexp below, all rows at once
             if (kept) rows.scale_copy(P_kept + i * n, row, n, inv[i]);  // normalised, for the backward
           }
+          rows.log_add(row_lse, row_max, n);
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (gemm_rows) {

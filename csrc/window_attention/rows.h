@@ -41,6 +41,8 @@ struct RowOps {
   float (*max)(const float* x, int64_t n);
   // x[j] = exp(x[j] - sub) in place; returns sum_j x[j] (after exp). exp(-inf) is 0.
   float (*exp_sum)(float* x, int64_t n, float sub);
+  // lse[i] = m[i] + log(lse[i]): rows' logsumexp from their max and (in lse) their sum of exp.
+  void (*log_add)(float* lse, const float* m, int64_t n);
   // x[j] = exp(x[j] - sub) in place.
   void (*exp)(float* x, int64_t n, float sub);
   // dst[j] = src[j] * s. (Plain stores: streaming ones measured slower, the kept probabilities
