@@ -112,9 +112,7 @@ def _check(q, k, v, window, scale, rel_pos_bias):
         raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(window)}.")
     if min(window) < 1:
         raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(window)}.")
-    tokens = 1
-    for w, size in zip(window, q.shape[1:4]):
-        tokens *= min(w, size)
+    _, tokens = _windows_and_tokens(q.shape, window)
     if tokens > MAX_WINDOW_TOKENS:
         raise ValueError(
             f"window_attention: a window may hold at most {MAX_WINDOW_TOKENS} tokens on CPU, got {tokens} "
@@ -175,53 +173,31 @@ for _name in ("window_attention", "_window_attention_composite"):
     torch.library.register_fake(f"walt::{_name}_backward")(_fake_backward)
 
 
+# One autograd formula for both forwards: walt::window_attention returns (out, lse), the CPU
+# training op walt::window_attention_keep_probs also the probabilities, which its backward reads.
 def _setup_context(ctx, inputs, output):
     q, k, v, window, scale, rel_pos_bias = inputs
-    out, lse = output
+    out, lse, *probs = output
     ctx.window, ctx.scale = window, scale
     ctx.bias_requires_grad = rel_pos_bias is not None and ctx.needs_input_grad[5]
-    ctx.save_for_backward(q, k, v, out, lse, rel_pos_bias)
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero gradient for lse
+    ctx.save_for_backward(q, k, v, out, lse, rel_pos_bias, *probs)
+    ctx.mark_non_differentiable(lse, *probs)
+    ctx.set_materialize_grads(False)  # else autograd fills zero gradients for lse (and probs, n^2 floats)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, *_grads_of_lse_and_probs):
     if grad_out is None:  # no gradient reached out (grads are not materialised as zeros)
         return None, None, None, None, None, None
-    q, k, v, out, lse, rel_pos_bias = ctx.saved_tensors
+    q, k, v, out, lse, rel_pos_bias, *probs = ctx.saved_tensors
     if grad_out.stride(-1) != 1:  # e.g. expanded from a sum(); the kernel reads d-vectors in place
         grad_out = grad_out.contiguous()
-    dq, dk, dv, dbias = torch.ops.walt.window_attention_backward(
-        grad_out, q, k, v, out, lse, ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad
-    )
+    tail = (ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad)
+    if probs:
+        dq, dk, dv, dbias = torch.ops.walt.window_attention_backward_kept_probs(grad_out, q, k, v, out, lse, *probs, *tail)
+    else:
+        dq, dk, dv, dbias = torch.ops.walt.window_attention_backward(grad_out, q, k, v, out, lse, *tail)
     return dq, dk, dv, None, None, dbias if ctx.bias_requires_grad else None
 
 
-torch.library.register_autograd("walt::window_attention", _backward, setup_context=_setup_context)
-
-
-def _setup_context_keep_probs(ctx, inputs, output):
-    q, k, v, window, scale, rel_pos_bias = inputs
-    out, lse, probs = output
-    ctx.window, ctx.scale = window, scale
-    ctx.bias_requires_grad = rel_pos_bias is not None and ctx.needs_input_grad[5]
-    ctx.save_for_backward(q, k, v, out, lse, probs, rel_pos_bias)
-    ctx.mark_non_differentiable(lse, probs)
-    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient as large as probs
-
-
-def _backward_kept_probs(ctx, grad_out, _grad_lse, _grad_probs):
-    if grad_out is None:
-        return None, None, None, None, None, None
-    q, k, v, out, lse, probs, rel_pos_bias = ctx.saved_tensors
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    dq, dk, dv, dbias = torch.ops.walt.window_attention_backward_kept_probs(
-        grad_out, q, k, v, out, lse, probs, ctx.window, ctx.scale, rel_pos_bias, ctx.bias_requires_grad
-    )
-    return dq, dk, dv, None, None, dbias if ctx.bias_requires_grad else None
-
-
-torch.library.register_autograd(
-    "walt::window_attention_keep_probs", _backward_kept_probs, setup_context=_setup_context_keep_probs
-)
+for _name in ("window_attention", "window_attention_keep_probs"):
+    torch.library.register_autograd(f"walt::{_name}", _backward, setup_context=_setup_context)
