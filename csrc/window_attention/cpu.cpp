@@ -262,6 +262,20 @@ struct RowsD {
 template <typename acc_t>
 using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
 
+// Adds the bias to logit row i of a (window e, head) task: the dense block's row for a full window
+// (dense_head: that head's n_max x n_max block, or null), else the row's runs of the head's
+// reversed table (rev_head; null: no bias).
+template <typename acc_t>
+inline void add_row_bias(const Rows<acc_t>& rows, acc_t* row, int64_t i, const WindowGeometry& g,
+                         const WindowExtent& e, const BiasRuns& runs, const acc_t* rev_head,
+                         const acc_t* dense_head) {
+  if (dense_head && e.n == max_window_tokens(g)) {
+    rows.add(row, dense_head + i * e.n, e.n);
+  } else if (rev_head) {
+    rows.bias_add(row, rev_head + reversed_bias_start(g, e, i), runs);
+  }
+}
+
 // Runs body(worker scratch, task) for every task in [0, ntasks); workers pull tasks from a
 // shared counter so partial windows do not unbalance the threads. Which thread runs a task
 // does not change its result. (Software prefetch of the next task's rows was tried and
@@ -323,6 +337,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
+        const acc_t* rev_head = bp ? bp + head * table : nullptr;
+        const acc_t* dense_head = dbp ? dbp + head * nmax * nmax : nullptr;
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3];
         acc_t* S = buf[4];
         acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
@@ -335,11 +351,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int64_t i = 0; i < n; ++i) {
             per_row(i);
             acc_t* row = S + i * n;
-            if (dbp && n == nmax) {
-              rows.add(row, dbp + (head * nmax + i) * nmax, n);
-            } else if (bp) {
-              rows.bias_add(row, bp + head * table + reversed_bias_start(g, e, i), runs);
-            }
+            add_row_bias(rows, row, i, g, e, runs, rev_head, dense_head);
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
@@ -412,6 +424,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
+        const acc_t* rev_head = bp ? bp + head * table : nullptr;
+        const acc_t* dense_head = dbp ? dbp + head * nmax * nmax : nullptr;
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
         acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
@@ -419,11 +433,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const BiasRuns runs = bias_runs(g, e);
         auto recompute_p = [&] {
           for (int64_t i = 0; i < n; ++i) {
-            if (dbp && n == nmax) {
-              rows.add(P + i * n, dbp + (head * nmax + i) * nmax, n);
-            } else if (bp) {
-              rows.bias_add(P + i * n, bp + head * table + reversed_bias_start(g, e, i), runs);
-            }
+            add_row_bias(rows, P + i * n, i, g, e, runs, rev_head, dense_head);
             if (stat[i] == -inf) {  // fully masked row: P = 0
               std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
             } else {
