@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include "noise_cuda.h"
+#include "walt/cuda_convert.cuh"
 #include "walt/philox.h"
 
 namespace walt::noise {
@@ -23,27 +24,6 @@ template <>
 struct Compute<double> {
   using type = double;
 };
-
-template <typename To, typename From>
-__device__ __forceinline__ To convert(From x) {
-  return static_cast<To>(x);
-}
-template <>
-__device__ __forceinline__ float convert<float, __half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float convert<float, __nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ __half convert<__half, float>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Four consecutive elements, loaded or stored in one access when aligned.
 template <typename T>

@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
           pr[r] = valid ? exp2f(logit) : 0.f;
           ds[r] = pr[r] * (dpt[j][r] - sDelta[col]);
           const int key_row = warp * 16 + g + (r < 2 ? 0 : 8);
-          sdS[col * LDS + key_row] = from_float<Elem>(ds[r]);
+          sdS[col * LDS + key_row] = convert<Elem>(ds[r]);
           sdSf[col * LDF + key_row] = ds[r];
         }
         pf[j / 2][(j % 2) * 2] = pack2<Elem>(pr[0], pr[1]);

@@ -26,6 +26,7 @@
 #include <cute/arch/mma_sm80.hpp>
 
 #include "launch.h"
+#include "walt/cuda_convert.cuh"
 #include "walt/window_geometry.h"
 
 namespace walt::attn::cuda {
@@ -61,18 +62,6 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-// float -> Elem, spelled out: torch builds CUDA code with the implicit half conversions disabled.
-template <typename Elem>
-__device__ __forceinline__ Elem from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
 }
 
 // A fragment of rows [row0, row0+16) x cols [col0, col0+16) of a row-major shared tile.
