@@ -1,4 +1,4 @@
-"""Window-attention test inputs shared by the fused-kernel and composite tests."""
+"""Window-attention test inputs and helpers shared by the fused-kernel and composite tests."""
 import torch
 
 
@@ -24,3 +24,13 @@ def make_inputs(shape, dtype=torch.float32, layout="fused", bias=False, window=N
     if bias:
         table = torch.randn(heads, *(2 * w - 1 for w in window), generator=g).to(dtype)
     return q, k, v, table
+
+
+def max_err(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def case_id(c):
+    shape, window, bias, layout = c
+    return f"{'x'.join(map(str, shape))}-w{''.join(map(str, window))}-{'bias' if bias else 'nobias'}-{layout}"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import walt  # noqa: F401
+from attention_inputs import case_id
 from walt.diffusion import make_schedule
 from walt.ops import add_noise, window_attention
 from walt.ops.reference import window_attention_reference, window_attention_sdpa
@@ -74,11 +75,6 @@ CASES = [
     ((1, 2, 4, 4, 2, 64), (1, 1, 1), False, "contiguous"),  # one token per window: out == v
     ((0, 2, 4, 4, 2, 32), (2, 2, 2), True, "fused"),  # empty batch
 ]
-
-
-def case_id(c):
-    shape, window, bias, layout = c
-    return f"{'x'.join(map(str, shape))}-w{''.join(map(str, window))}-{'bias' if bias else 'nobias'}-{layout}"
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import walt  # noqa: F401
-from attention_inputs import make_inputs
+from attention_inputs import case_id, make_inputs, max_err
 from walt.ops import window_attention
 from walt.ops.reference import window_attention_reference, window_attention_sdpa
 
@@ -30,11 +30,6 @@ def oracle(q, k, v, window, bias=None, scale=None):
     return window_attention_reference(up(q), up(k), up(v), window, scale=scale, rel_pos_bias=up(bias))
 
 
-def max_err(a, b):
-    assert a.shape == b.shape
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 # (shape (B, T, H, W, heads, d), window, bias, layout): a representative matrix, not a product.
 CASES = [
     ((1, 2, 3, 4, 1, 8), (1, 1, 1), False, "fused"),  # every token its own window: out == v
@@ -48,11 +43,6 @@ CASES = [
     ((1, 5, 9, 7, 3, 8), (2, 4, 4), False, "strided"),  # non-divisible on all axes
     ((0, 2, 4, 4, 1, 8), (2, 2, 2), True, "fused"),  # empty batch
 ]
-
-
-def case_id(c):
-    shape, window, bias, layout = c
-    return f"{'x'.join(map(str, shape))}-w{''.join(map(str, window))}-{'bias' if bias else 'nobias'}-{layout}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import walt  # noqa: F401
+from attention_inputs import case_id, max_err
 from attention_inputs import make_inputs as make_qkv
 from walt.ops.reference import window_attention_reference, window_attention_sdpa
 
@@ -47,11 +48,6 @@ def oracle(q, k, v, window, table, grad):
     return autograd_of(window_attention_reference, q, k, v, window, table, grad, lambda x: x.detach().double())
 
 
-def max_err(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 # (shape (B, T, H, W, heads, d), window, bias, layout)
 CASES = [
     ((1, 2, 3, 4, 1, 8), (1, 1, 1), True, "fused"),  # one token per window: out == v, dbias has one entry
@@ -65,11 +61,6 @@ CASES = [
     ((1, 4, 8, 12, 1, 5), (2, 4, 4), True, "strided"),  # divisible, odd d
     ((0, 2, 4, 4, 3, 8), (2, 2, 2), True, "fused"),  # empty batch
 ]
-
-
-def case_id(c):
-    shape, window, bias, layout = c
-    return f"{'x'.join(map(str, shape))}-w{''.join(map(str, window))}-{'bias' if bias else 'nobias'}-{layout}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
