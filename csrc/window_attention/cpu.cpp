@@ -263,16 +263,17 @@ template <typename acc_t>
 using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
 
 // Adds the bias to logit row i of a (window e, head) task: the dense block's row for a full window
-// (dense_head: that head's n_max x n_max block, or null), else the row's runs of the head's
-// reversed table (rev_head; null: no bias).
+// (dense: the (heads, n_max, n_max) blocks, or null), else the row's runs of the head's reversed
+// table (rev: the reversed tables; null: no bias).
 template <typename acc_t>
 inline void add_row_bias(const Rows<acc_t>& rows, acc_t* row, int64_t i, const WindowGeometry& g,
-                         const WindowExtent& e, const BiasRuns& runs, const acc_t* rev_head,
-                         const acc_t* dense_head) {
-  if (dense_head && e.n == max_window_tokens(g)) {
-    rows.add(row, dense_head + i * e.n, e.n);
-  } else if (rev_head) {
-    rows.bias_add(row, rev_head + reversed_bias_start(g, e, i), runs);
+                         const WindowExtent& e, const BiasRuns& runs, int64_t head, const acc_t* rev,
+                         const acc_t* dense) {
+  const int64_t nmax = max_window_tokens(g);
+  if (dense && e.n == nmax) {
+    rows.add(row, dense + (head * nmax + i) * nmax, nmax);
+  } else if (rev) {
+    rows.bias_add(row, rev + head * bias_table_size(g) + reversed_bias_start(g, e, i), runs);
   }
 }
 
@@ -317,7 +318,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& out, at::Tensor& lse,
                   at::Tensor& probs) {
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
-  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
+  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g);
   const acc_t scale = static_cast<acc_t>(scale_);
   const Strides sq(q), sk(k), sv(v), so(out), sl(lse.unsqueeze(-1));
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
@@ -337,8 +338,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        const acc_t* rev_head = bp ? bp + head * table : nullptr;
-        const acc_t* dense_head = dbp ? dbp + head * nmax * nmax : nullptr;
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3];
         acc_t* S = buf[4];
         acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
@@ -351,7 +350,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int64_t i = 0; i < n; ++i) {
             per_row(i);
             acc_t* row = S + i * n;
-            add_row_bias(rows, row, i, g, e, runs, rev_head, dense_head);
+            add_row_bias(rows, row, i, g, e, runs, head, bp, dbp);
             const acc_t m = rows.max(row, n);
             const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
             inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
@@ -424,8 +423,6 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        const acc_t* rev_head = bp ? bp + head * table : nullptr;
-        const acc_t* dense_head = dbp ? dbp + head * nmax * nmax : nullptr;
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
         acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
@@ -433,7 +430,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         const BiasRuns runs = bias_runs(g, e);
         auto recompute_p = [&] {
           for (int64_t i = 0; i < n; ++i) {
-            add_row_bias(rows, P + i * n, i, g, e, runs, rev_head, dense_head);
+            add_row_bias(rows, P + i * n, i, g, e, runs, head, bp, dbp);
             if (stat[i] == -inf) {  // fully masked row: P = 0
               std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
             } else {
