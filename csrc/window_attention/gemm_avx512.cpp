@@ -14,6 +14,7 @@
 // (<= 320 x 320), which stay in L1/L2, so nothing is packed: the kernel lays out or points at
 // each operand the way this loop reads it. Compared with calling the BLAS, this also drops its
 // per-call packing of both operands and its separate pass over C for beta = 0.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -32,7 +33,7 @@ namespace {
 // the masks m[0..NV) select them. ar: the MR rows of A (or, with TA, at = A + first row, element
 // (r, k) at at[k * lda + r]); bpanel: B's rows k0.. at the tile's first column, ldb apart;
 // cr: the MR output rows, already offset to the tile's first column;
-// mul: each output row's multiplier; accumulate: add to C instead of overwriting it.
+// mul: each output row's multiplier (null: none); accumulate: add to C instead of overwriting it.
 template <int MR, int NV, bool TA, bool FULL>
 __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, const float* const* ar, const float* at,
                                                       int64_t lda, const float* bpanel, int64_t ldb, float* const* cr,
@@ -60,11 +61,11 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, c
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    const __m512 s = _mm512_set1_ps(mul[r]);
+    const __m512 s = _mm512_set1_ps(mul ? mul[r] : 1.f);
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) {
       float* dst = cr[r] + 16 * q;
-      const __m512 x = _mm512_mul_ps(c[r][q], s);
+      const __m512 x = mul ? _mm512_mul_ps(c[r][q], s) : c[r][q];
       if (FULL) {
         _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), x) : x);
       } else {
@@ -89,16 +90,17 @@ __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t 
   }
   const float* at = TA ? A.base + i : nullptr;
   const bool accumulate = k0 > 0;
+  const float* m = C.scale || alpha != 1.f ? mul : nullptr;  // a product with no multiplier skips it
   const int64_t left = N - j;
   if (left >= 16 * NV) {
-    tile<MR, NV, TA, true>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, mul, nullptr, accumulate);
+    tile<MR, NV, TA, true>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, m, nullptr, accumulate);
   } else {
-    __mmask16 m[NV];
+    __mmask16 cols[NV];
     for (int q = 0; q < NV; ++q) {
       const int64_t in = left - 16 * q;  // columns of this vector that exist
-      m[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
+      cols[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
-    tile<MR, NV, TA, false>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, mul, m, accumulate);
+    tile<MR, NV, TA, false>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, m, cols, accumulate);
   }
 }
 
@@ -123,14 +125,18 @@ __attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, 
   }
 }
 
-// Blocked so that the B panel a tile streams through, kKC rows x 64 columns (16 KiB), stays in
-// L1 while every row block of C passes over it: k blocks outermost, then column panels, then
-// rows. A window's K = n operand (up to 320 x 64 floats) would not fit L1 whole; later k blocks
-// add into C, so the summation order is fixed by the blocking alone. When B's rows are window
-// tokens read in place (a stride of 3 heads d floats in a fused qkv tensor: 6 KiB for 8 heads of
-// 64), each panel is first copied to a contiguous buffer: at such power-of-two strides the
-// panel's lines fall into a few L1 sets and evict one another, and for d = 16 every B row of the
-// k loop was an L2 round trip. The copy costs K x 64 loads against m x K x 64 FMAs. Narrow products (N = d of
+// A contiguous B is not blocked along k: column panels, then blocks of rows, each tile running the
+// whole K loop and writing its C rows once, its B panel streaming from L2 along the contiguous
+// rows the hardware prefetcher follows. (Blocking k in kKC rows kept the panel in L1 but turned C
+// into a read-modify-write per block; for P V, whose C is the output rows in place, whole-K
+// tiles run at 97% of the FMA peak against 92% blocked: 256 x 64 x 256, Zen 4.) When B's rows
+// are window tokens read in place (a stride of 3 heads d floats in a fused qkv tensor: 6 KiB for
+// 8 heads of 64), the k loop is blocked and each block of a panel, kKC rows x 64 columns
+// (16 KiB), is first copied to a contiguous buffer that stays in L1 while the row blocks pass
+// over it: at such power-of-two strides the panel's lines fall into a few L1 sets and evict one
+// another, and for d = 16 every B row of the k loop was an L2 round trip. The copy costs K x 64
+// loads against m x K x 64 FMAs; later k blocks add into C, so the summation order is fixed by
+// the blocking alone. Narrow products (N = d of
 // 16 or 32, the small models' heads) use tiles of one or two vectors and 8 rows instead of 4 x 4
 // vectors, so no FMA works on masked-off columns; so do the last columns of wider products (an
 // 80-token window's logits: one 64-wide panel and one 16-wide, not a 4 x 4 tile 3/4 masked).
@@ -141,8 +147,9 @@ template <bool TA, bool BP>
 __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                                             const OutRows& C, float alpha) {
   alignas(64) float packed[BP ? kKC * kNC : 1];
-  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kKC) {  // K = 0 still writes C = 0 once
-    const int64_t k1 = K - k0 > kKC ? k0 + kKC : K;
+  const int64_t kc = BP ? kKC : std::max<int64_t>(K, 1);  // at least 1: K = 0 must end
+  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kc) {  // K = 0 still writes C = 0 once
+    const int64_t k1 = K - k0 > kc ? k0 + kc : K;
     // Columns [j, j + width) of B's rows [k0, k1): where they lie, or packed when B's rows are
     // window tokens read in place (see above).
     auto bpanel = [&](int64_t j, int64_t width, int64_t& ldb) -> const float* {
@@ -177,7 +184,8 @@ __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, co
 // 16 x 16 block transpose in registers: 32-bit then 64-bit interleaves within 128-bit lanes, then
 // two rounds of 128-bit lane shuffles; 64 shuffles instead of 256 scalar loads and stores.
 __attribute__((target("avx512f"))) void transpose16_avx512(const float* const* src, int64_t col0, float* dst,
-                                                          int64_t ld) {
+                                                          int64_t ld, float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
   __m512 r[16], t[16], u[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i] + col0);
   for (int i = 0; i < 16; i += 2) {
@@ -194,10 +202,10 @@ __attribute__((target("avx512f"))) void transpose16_avx512(const float* const* s
     const __m512 x0 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
     const __m512 y0 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
     const __m512 y1 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
-    _mm512_storeu_ps(dst + (j)*ld, _mm512_shuffle_f32x4(x0, y0, 0x88));
-    _mm512_storeu_ps(dst + (4 + j) * ld, _mm512_shuffle_f32x4(x0, y0, 0xDD));
-    _mm512_storeu_ps(dst + (8 + j) * ld, _mm512_shuffle_f32x4(x1, y1, 0x88));
-    _mm512_storeu_ps(dst + (12 + j) * ld, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+    _mm512_storeu_ps(dst + (j)*ld, _mm512_mul_ps(_mm512_shuffle_f32x4(x0, y0, 0x88), s));
+    _mm512_storeu_ps(dst + (4 + j) * ld, _mm512_mul_ps(_mm512_shuffle_f32x4(x0, y0, 0xDD), s));
+    _mm512_storeu_ps(dst + (8 + j) * ld, _mm512_mul_ps(_mm512_shuffle_f32x4(x1, y1, 0x88), s));
+    _mm512_storeu_ps(dst + (12 + j) * ld, _mm512_mul_ps(_mm512_shuffle_f32x4(x1, y1, 0xDD), s));
   }
 }
 

@@ -68,8 +68,8 @@ struct RowOps {
 };
 
 #if defined(__x86_64__)
-// dst[c * ld + i] = src[i][col0 + c] for i, c in [0, 16): a 16 x 16 block transpose.
-void transpose16_avx512(const float* const* src, int64_t col0, float* dst, int64_t ld);
+// dst[c * ld + i] = scale * src[i][col0 + c] for i, c in [0, 16): a 16 x 16 block transpose.
+void transpose16_avx512(const float* const* src, int64_t col0, float* dst, int64_t ld, float scale);
 void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                       const OutRows& C, float alpha);
 #endif
