@@ -1,8 +1,9 @@
 // Row-major float32 GEMM for the attention kernel's window-sized products, AVX-512F.
 //
 // C (m x N) = alpha op(A) B (K x N) (times an optional per-row scale), beta = 0. Every matrix is
-// row-major; a row is either base + r * ld or, for window tokens read and written in place in
-// the float32 tensors, an explicit pointer (see InRows/OutRows in rows.h). op(A) = A (m x K) or,
+// row-major; a row of A or C is either base + r * ld or, for window tokens read and written in
+// place in the float32 tensors, an explicit pointer (see InRows/OutRows in rows.h); B is
+// contiguous (base form). op(A) = A (m x K) or,
 // with trans_a, A^T for A stored K x m (the backward's P^T dO and dS^T Q, which then need no
 // transposed copies).
 //
@@ -14,9 +15,7 @@
 // (<= 320 x 320), which stay in L1/L2, so nothing is packed: the kernel lays out or points at
 // each operand the way this loop reads it. Compared with calling the BLAS, this also drops its
 // per-call packing of both operands and its separate pass over C for beta = 0.
-#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "rows.h"
 
@@ -29,15 +28,15 @@
 namespace walt::attn {
 namespace {
 
-// One tile of MR rows x 16 NV columns (NV zmm vectors per row); FULL: all columns exist, else
-// the masks m[0..NV) select them. ar: the MR rows of A (or, with TA, at = A + first row, element
-// (r, k) at at[k * lda + r]); bpanel: B's rows k0.. at the tile's first column, ldb apart;
-// cr: the MR output rows, already offset to the tile's first column;
-// mul: each output row's multiplier (null: none); accumulate: add to C instead of overwriting it.
+// One tile of MR rows x 16 NV columns (NV zmm vectors per row) over k in [0, K); FULL: all
+// columns exist, else the masks m[0..NV) select them. ar: the MR rows of A (or, with TA, at = A +
+// first row, element (r, k) at at[k * lda + r]); bpanel: B at the tile's first column, rows ldb
+// apart; cr: the MR output rows, already offset to the tile's first column; mul: each output
+// row's multiplier (null: none).
 template <int MR, int NV, bool TA, bool FULL>
-__attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, const float* const* ar, const float* at,
-                                                      int64_t lda, const float* bpanel, int64_t ldb, float* const* cr,
-                                                      const float* mul, const __mmask16* m, bool accumulate) {
+__attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* const* ar, const float* at, int64_t lda,
+                                                      const float* bpanel, int64_t ldb, float* const* cr,
+                                                      const float* mul, const __mmask16* m) {
   // Every loop over r and q is fully unrolled so the accumulators live in registers.
   const float* a[MR];
 #pragma GCC unroll 8
@@ -47,8 +46,8 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, c
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) c[r][q] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* b = bpanel + (k - k0) * ldb;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = bpanel + k * ldb;
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int q = 0; q < NV; ++q) bv[q] = FULL ? _mm512_loadu_ps(b + 16 * q) : _mm512_maskz_loadu_ps(m[q], b + 16 * q);
@@ -67,19 +66,18 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t k0, int64_t k1, c
       float* dst = cr[r] + 16 * q;
       const __m512 x = mul ? _mm512_mul_ps(c[r][q], s) : c[r][q];
       if (FULL) {
-        _mm512_storeu_ps(dst, accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst), x) : x);
+        _mm512_storeu_ps(dst, x);
       } else {
-        _mm512_mask_storeu_ps(dst, m[q], accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m[q], dst), x) : x);
+        _mm512_mask_storeu_ps(dst, m[q], x);
       }
     }
   }
 }
 
-// Rows [i, i + MR) x columns [j, j + 16 NV) of C, over k in [k0, k1).
+// Rows [i, i + MR) x columns [j, j + 16 NV) of C.
 template <int MR, int NV, bool TA>
-__attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t k0, int64_t k1, int64_t N,
-                                                 const InRows& A, const float* bpanel, int64_t ldb, const OutRows& C,
-                                                 float alpha) {
+__attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t K, int64_t N, const InRows& A,
+                                                 const float* bpanel, int64_t ldb, const OutRows& C, float alpha) {
   const float* ar[MR];
   float* cr[MR];
   float mul[MR];
@@ -89,94 +87,56 @@ __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t 
     cr[r] = C.row(i + r) + j;
   }
   const float* at = TA ? A.base + i : nullptr;
-  const bool accumulate = k0 > 0;
   const float* m = C.scale || alpha != 1.f ? mul : nullptr;  // a product with no multiplier skips it
   const int64_t left = N - j;
   if (left >= 16 * NV) {
-    tile<MR, NV, TA, true>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, m, nullptr, accumulate);
+    tile<MR, NV, TA, true>(K, ar, at, A.ld, bpanel, ldb, cr, m, nullptr);
   } else {
     __mmask16 cols[NV];
     for (int q = 0; q < NV; ++q) {
       const int64_t in = left - 16 * q;  // columns of this vector that exist
       cols[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
-    tile<MR, NV, TA, false>(k0, k1, ar, at, A.ld, bpanel, ldb, cr, m, cols, accumulate);
+    tile<MR, NV, TA, false>(K, ar, at, A.ld, bpanel, ldb, cr, m, cols);
   }
 }
 
 // All rows of one column panel [j, j + 16 NV): blocks of MR rows, then the leftovers.
 template <int MR, int NV, bool TA>
-__attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t k0, int64_t k1, int64_t N,
-                                             const InRows& A, const float* bpanel, int64_t ldb, const OutRows& C,
-                                             float alpha) {
+__attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t K, int64_t N, const InRows& A,
+                                             const float* bpanel, int64_t ldb, const OutRows& C, float alpha) {
   int64_t i = 0;
-  for (; i + MR <= m; i += MR) row_block<MR, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha);
+  for (; i + MR <= m; i += MR) row_block<MR, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha);
   if constexpr (MR > 4) {
     if (i + 4 <= m) {
-      row_block<4, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha);
+      row_block<4, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha);
       i += 4;
     }
   }
   switch (m - i) {
-    case 3: row_block<3, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
-    case 2: row_block<2, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
-    case 1: row_block<1, NV, TA>(i, j, k0, k1, N, A, bpanel, ldb, C, alpha); break;
+    case 3: row_block<3, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha); break;
+    case 2: row_block<2, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha); break;
+    case 1: row_block<1, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha); break;
     default: break;
   }
 }
 
-// A contiguous B is not blocked along k: column panels, then blocks of rows, each tile running the
-// whole K loop and writing its C rows once, its B panel streaming from L2 along the contiguous
-// rows the hardware prefetcher follows. (Blocking k in kKC rows kept the panel in L1 but turned C
-// into a read-modify-write per block; for P V, whose C is the output rows in place, whole-K
-// tiles run at 97% of the FMA peak against 92% blocked: 256 x 64 x 256, Zen 4.) When B's rows
-// are window tokens read in place (a stride of 3 heads d floats in a fused qkv tensor: 6 KiB for
-// 8 heads of 64), the k loop is blocked and each block of a panel, kKC rows x 64 columns
-// (16 KiB), is first copied to a contiguous buffer that stays in L1 while the row blocks pass
-// over it: at such power-of-two strides the panel's lines fall into a few L1 sets and evict one
-// another, and for d = 16 every B row of the k loop was an L2 round trip. The copy costs K x 64
-// loads against m x K x 64 FMAs; later k blocks add into C, so the summation order is fixed by
-// the blocking alone. Narrow products (N = d of
+// Column panels of 64, then blocks of rows, each tile running the whole K loop and writing its C
+// rows once. B is contiguous (the kernel copies each B operand into thread-local rows first), so
+// a tile's B panel streams from L2 along rows the hardware prefetcher follows. (Blocking k in 64
+// rows kept the panel in L1 but turned C into a read-modify-write per block; for P V, whose C is
+// the output rows in place, whole-K tiles run at 97% of the FMA peak against 92% blocked: 256 x 64
+// x 256, Zen 4, and were faster at every window and head size tried.) Narrow products (N = d of
 // 16 or 32, the small models' heads) use tiles of one or two vectors and 8 rows instead of 4 x 4
 // vectors, so no FMA works on masked-off columns; so do the last columns of wider products (an
 // 80-token window's logits: one 64-wide panel and one 16-wide, not a 4 x 4 tile 3/4 masked).
-constexpr int64_t kKC = 64;
-constexpr int64_t kNC = 64;
-
-template <bool TA, bool BP>
+template <bool TA>
 __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                                             const OutRows& C, float alpha) {
-  alignas(64) float packed[BP ? kKC * kNC : 1];
-  const int64_t kc = BP ? kKC : std::max<int64_t>(K, 1);  // at least 1: K = 0 must end
-  for (int64_t k0 = 0; k0 == 0 || k0 < K; k0 += kc) {  // K = 0 still writes C = 0 once
-    const int64_t k1 = K - k0 > kc ? k0 + kc : K;
-    // Columns [j, j + width) of B's rows [k0, k1): where they lie, or packed when B's rows are
-    // window tokens read in place (see above).
-    auto bpanel = [&](int64_t j, int64_t width, int64_t& ldb) -> const float* {
-      if constexpr (!BP) {
-        ldb = B.ld;
-        return B.base + k0 * B.ld + j;
-      } else {
-        ldb = width;
-        for (int64_t k = k0; k < k1; ++k) std::memcpy(packed + (k - k0) * width, B.ptr[k] + j, sizeof(float) * width);
-        return packed;
-      }
-    };
-    int64_t ldb = 0;
-    int64_t j = 0;
-    for (; j + kNC <= N; j += kNC) {
-      const float* b = bpanel(j, kNC, ldb);
-      panel<4, 4, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
-    }
-    for (; j + 16 < N; j += 32) {
-      const float* b = bpanel(j, N - j < 32 ? N - j : 32, ldb);
-      panel<8, 2, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
-    }
-    if (j < N) {
-      const float* b = bpanel(j, N - j, ldb);
-      panel<8, 1, TA>(m, j, k0, k1, N, A, b, ldb, C, alpha);
-    }
-  }
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64) panel<4, 4, TA>(m, j, K, N, A, B.base + j, B.ld, C, alpha);
+  for (; j + 16 < N; j += 32) panel<8, 2, TA>(m, j, K, N, A, B.base + j, B.ld, C, alpha);
+  if (j < N) panel<8, 1, TA>(m, j, K, N, A, B.base + j, B.ld, C, alpha);
 }
 
 }  // namespace
@@ -211,11 +171,7 @@ __attribute__((target("avx512f"))) void transpose16_avx512(const float* const* s
 
 void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                       const OutRows& C, float alpha) {
-  if (trans_a) {
-    B.ptr ? gemm<true, true>(m, N, K, A, B, C, alpha) : gemm<true, false>(m, N, K, A, B, C, alpha);
-  } else {
-    B.ptr ? gemm<false, true>(m, N, K, A, B, C, alpha) : gemm<false, false>(m, N, K, A, B, C, alpha);
-  }
+  trans_a ? gemm<true>(m, N, K, A, B, C, alpha) : gemm<false>(m, N, K, A, B, C, alpha);
 }
 
 }  // namespace walt::attn

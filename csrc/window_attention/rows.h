@@ -61,8 +61,8 @@ struct RowOps {
   // rev += row, scattered the same way: the row's contribution to the bias gradient.
   void (*bias_acc)(float* rev, const float* row, const BiasRuns& runs);
   // C (m x N) = alpha op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T (A
-  // stored K x m, base form only); null where the kernel should call the BLAS instead (see
-  // gemm_avx512.cpp).
+  // stored K x m, base form only), B in base form; null where the kernel should call the BLAS
+  // instead (see gemm_avx512.cpp).
   void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
                float alpha);
 };
