@@ -6,8 +6,8 @@
 // rescaling needed) and a second GEMM for P V, and writes its output rows. No partitioned copies
 // of q, k, v or out exist at tensor level: float32 on AVX-512 CPUs reads q (any strides, unit
 // stride on d) and writes out in place through per-token row pointers, copying only the task's
-// GEMM B operands (K transposed, V) into thread-local buffers; other dtypes and CPUs gather the window's rows into
-// thread-local, 64-byte aligned float32 buffers (float64 for float64; bf16/fp16 converted on
+// GEMM B operands (K transposed, V) into thread-local buffers; other dtypes and CPUs gather the
+// window's rows into thread-local, 64-byte aligned float32 buffers (float64 for float64; bf16/fp16 converted on
 // load) and scatter the results. Tasks never share output elements (windows do not overlap),
 // there are no cross-thread reductions, and each task's arithmetic does not depend on which
 // thread runs it, so results are bitwise identical across runs and thread counts. The bias
@@ -143,8 +143,8 @@ inline int64_t transposed_ld(int64_t rows) { return (rows + 15) / 16 * 16 + 16; 
 
 // dst (cols x ld, row-major) = scale times the transpose of the rows src[0..rows), each cols
 // long; blocks of 16 rows as below, the next block's rows requested while this one is copied,
-// along with the same rows of `next` if given (the rows read next). Only
-// the AVX-512 path reads rows in place, so whole 16 x 16 blocks go through the register transpose.
+// along with the same rows of `next` if given (the rows read next). Only the AVX-512 path reads
+// rows in place, so whole 16 x 16 blocks go through the register transpose.
 inline void transpose_rows(float* dst, int64_t ld, const float* const* src, int64_t rows, int64_t cols,
                            const float* const* next, float scale = 1.f) {
   prefetch_rows(src, 0, std::min<int64_t>(16, rows), cols);

@@ -3,9 +3,8 @@
 // C (m x N) = alpha op(A) B (K x N) (times an optional per-row scale), beta = 0. Every matrix is
 // row-major; a row of A or C is either base + r * ld or, for window tokens read and written in
 // place in the float32 tensors, an explicit pointer (see InRows/OutRows in rows.h); B is
-// contiguous (base form). op(A) = A (m x K) or,
-// with trans_a, A^T for A stored K x m (the backward's P^T dO and dS^T Q, which then need no
-// transposed copies).
+// contiguous (base form). op(A) = A (m x K) or, with trans_a, A^T for A stored K x m (the
+// backward's P^T dO and dS^T Q, which then need no transposed copies).
 //
 // Tiles of 4 rows x 64 columns (8 x 32 or 8 x 16 for narrow products) are held in zmm
 // accumulators over the K loop: each step of a 4 x 64 tile
