@@ -316,26 +316,30 @@ def test_profiler_shows_one_fused_call_and_no_copies(probs_policy):
     assert not {"aten::permute", "aten::constant_pad_nd", "aten::pad", "aten::contiguous", "aten::_to_copy"} & set(names)
 
 
-# The other ISA paths (AVX2 row loops with the BLAS GEMM and gathered operands; plain loops)
-# run on any x86 machine when capped with WALT_CPU_ISA, which is read once per process.
+# The other ISA paths (AVX2 row loops and the AVX2 GEMM, bf16 through gathered operands; plain
+# loops with the BLAS GEMM) run on any x86 machine when capped with WALT_CPU_ISA, which is read
+# once per process. Two geometries: partial 3x4x4 windows at d = 16, and one 256-token window at
+# d = 20 (GEMM panels of 16 columns plus a masked 4, row blocks of 6 plus 4).
 _ISA_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, walt
+    import itertools, sys, torch, walt
     from walt.ops import window_attention
     from walt.ops.reference import window_attention_reference
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     ops = sys.modules["walt.ops.window_attention"]
-    for keep, dtype, tol in ((1 << 40, torch.float32, 2e-5), (0, torch.float32, 2e-5), (1 << 40, torch.bfloat16, 3e-2)):
+    geometries = (((2, 5, 9, 7), 2, 16, (3, 4, 4)), ((1, 2, 16, 16), 1, 20, (1, 16, 16)))
+    cases = ((1 << 40, torch.float32, 2e-5), (0, torch.float32, 2e-5), (1 << 40, torch.bfloat16, 3e-2))
+    for (grid, heads, d, window), (keep, dtype, tol) in itertools.product(geometries, cases):
         ops.KEEP_PROBS_MAX_BYTES = keep  # probabilities kept for the backward, or recomputed
-        q, k, v = torch.randn(2, 5, 9, 7, 3, 2, 16, generator=g).to(dtype).unbind(4)
-        bias = torch.randn(2, 5, 7, 7, generator=g)
+        q, k, v = torch.randn(*grid, 3, heads, d, generator=g).to(dtype).unbind(4)
+        bias = torch.randn(heads, *(2 * w - 1 for w in window), generator=g)
         grad = torch.randn(q.shape, generator=g).to(dtype)
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, bias)]
-        out = window_attention(*leaves[:3], (3, 4, 4), rel_pos_bias=leaves[3])
+        out = window_attention(*leaves[:3], window, rel_pos_bias=leaves[3])
         out.backward(grad)
         ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, bias)]
-        ref = window_attention_reference(*ref_leaves[:3], (3, 4, 4), rel_pos_bias=ref_leaves[3])
+        ref = window_attention_reference(*ref_leaves[:3], window, rel_pos_bias=ref_leaves[3])
         ref.backward(grad.double())
         pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]
         for a, b in pairs:

@@ -4,23 +4,23 @@
 // parallel region. A task computes the whole n x n logit block of its window with one GEMM
 // (n <= 320 tokens for WALT's windows, so it stays in L2), a whole-row softmax (no online
 // rescaling needed) and a second GEMM for P V, and writes its output rows. No partitioned copies
-// of q, k, v or out exist at tensor level: float32 on AVX-512 CPUs reads q (any strides, unit
-// stride on d) and writes out in place through per-token row pointers, copying only the task's
-// GEMM B operands (K transposed, V) into thread-local buffers; other dtypes and CPUs gather the
-// window's rows into thread-local, 64-byte aligned float32 buffers (float64 for float64; bf16/fp16 converted on
-// load) and scatter the results. Tasks never share output elements (windows do not overlap),
-// there are no cross-thread reductions, and each task's arithmetic does not depend on which
-// thread runs it, so results are bitwise identical across runs and thread counts. The bias
-// gradient is summed from per-task partial tables in a fixed order.
+// of q, k, v or out exist at tensor level: float32 on AVX-512 and AVX2 CPUs reads q (any strides,
+// unit stride on d) and writes out in place through per-token row pointers, copying only the
+// task's GEMM B operands (K transposed, V) into thread-local buffers; other dtypes and CPUs gather
+// the window's rows into thread-local, 64-byte aligned float32 buffers (float64 for float64;
+// bf16/fp16 converted on load) and scatter the results. Tasks never share output elements
+// (windows do not overlap), there are no cross-thread reductions, and each task's arithmetic
+// does not depend on which thread runs it, so results are bitwise identical across runs and
+// thread counts. The bias gradient is summed from per-task partial tables in a fixed order.
 //
 // The backward recomputes P from q, k and the logsumexp (flash-attention style), unless the
 // forward kept it (window_attention_keep_probs, chosen by walt/ops/window_attention.py when
 // training on the CPU within a memory budget): then it reads P in place and skips one of its
 // five GEMMs, the exp and K's transposition.
 //
-// Every product is written as row-major C = op(A) B. On AVX-512 CPUs float32 products run on the
-// kernel's own GEMM (gemm_avx512.cpp); otherwise, and for float64, they go to the BLAS PyTorch
-// links (MKL here) through its Fortran interface.
+// Every product is written as row-major C = op(A) B. On AVX-512 and AVX2 CPUs float32 products
+// run on the kernel's own GEMM (gemm_avx512.cpp, gemm_avx2.cpp); otherwise, and for float64, they
+// go to the BLAS PyTorch links (MKL here) through its Fortran interface.
 #include "kernel.h"
 
 #include <ATen/ATen.h>
@@ -143,20 +143,19 @@ inline int64_t transposed_ld(int64_t rows) { return (rows + 15) / 16 * 16 + 16; 
 
 // dst (cols x ld, row-major) = scale times the transpose of the rows src[0..rows), each cols
 // long; blocks of 16 rows as below, the next block's rows requested while this one is copied,
-// along with the same rows of `next` if given (the rows read next). Only the AVX-512 path reads
-// rows in place, so whole 16 x 16 blocks go through the register transpose.
+// along with the same rows of `next` if given (the rows read next). Only the kernel's own GEMM
+// reads rows in place, so whole 16 x 16 blocks go through its ISA's register transpose.
 inline void transpose_rows(float* dst, int64_t ld, const float* const* src, int64_t rows, int64_t cols,
                            const float* const* next, float scale = 1.f) {
+  static const auto transpose16 = row_ops().transpose16;
   prefetch_rows(src, 0, std::min<int64_t>(16, rows), cols);
   for (int64_t i0 = 0; i0 < rows; i0 += 16) {
     const int64_t i1 = std::min<int64_t>(i0 + 16, rows);
     prefetch_rows(src, i1, std::min<int64_t>(i1 + 16, rows), cols);
     if (next) prefetch_rows(next, i0, i1, cols);
     int64_t a0 = 0;
-#if defined(__x86_64__)
     if (i1 - i0 == 16)
-      for (; a0 + 16 <= cols; a0 += 16) transpose16_avx512(src + i0, a0, dst + a0 * ld + i0, ld, scale);
-#endif
+      for (; a0 + 16 <= cols; a0 += 16) transpose16(src + i0, a0, dst + a0 * ld + i0, ld, scale);
     for (int64_t a = a0; a < cols; ++a)
       for (int64_t i = i0; i < i1; ++i) dst[a * ld + i] = src[i][a] * scale;
   }
@@ -377,7 +376,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         };
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (gemm_rows) {
-            // float32 on the AVX-512 GEMM: q is read and out written in place through row
+            // float32 on the kernel's own GEMM: q is read and out written in place through row
             // pointers. The B operands are copied into contiguous rows, which the GEMM streams
             // whole-K (gemm_avx512.cpp): K transposed and times the scale, then V.
             const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax;
@@ -483,7 +482,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
         if (lp) for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (gemm_rows) {
-            // float32 on the AVX-512 GEMM: out is read and dq, dk, dv are written in place through
+            // float32 on the kernel's own GEMM: out is read and dq, dk, dv are written in place through
             // row pointers. Every B operand is copied into contiguous rows, which the GEMM streams
             // whole-K, so each output row is written once (gemm_avx512.cpp): K^T, V^T, and K, Q and
             // dO as they are (those three 1-5% faster than read in place, k-blocked).

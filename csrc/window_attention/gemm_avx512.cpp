@@ -77,26 +77,17 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* c
 template <int MR, int NV, bool TA>
 __attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t K, int64_t N, const InRows& A,
                                                  const float* bpanel, int64_t ldb, const OutRows& C, float alpha) {
-  const float* ar[MR];
-  float* cr[MR];
-  float mul[MR];
-  for (int r = 0; r < MR; ++r) {
-    ar[r] = TA ? nullptr : A.row(i + r);
-    mul[r] = C.scale ? alpha * C.scale[i + r] : alpha;
-    cr[r] = C.row(i + r) + j;
-  }
-  const float* at = TA ? A.base + i : nullptr;
-  const float* m = C.scale || alpha != 1.f ? mul : nullptr;  // a product with no multiplier skips it
+  const TileRows<MR> t(TA, i, j, A, C, alpha);
   const int64_t left = N - j;
   if (left >= 16 * NV) {
-    tile<MR, NV, TA, true>(K, ar, at, A.ld, bpanel, ldb, cr, m, nullptr);
+    tile<MR, NV, TA, true>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, nullptr);
   } else {
     __mmask16 cols[NV];
     for (int q = 0; q < NV; ++q) {
       const int64_t in = left - 16 * q;  // columns of this vector that exist
       cols[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
     }
-    tile<MR, NV, TA, false>(K, ar, at, A.ld, bpanel, ldb, cr, m, cols);
+    tile<MR, NV, TA, false>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, cols);
   }
 }
 

@@ -310,12 +310,12 @@ RowOps pick() {
   (void)allow2;
 #if defined(__x86_64__)
   if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, log_add_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512, add_avx512,
-                                                     bias_add_avx512, bias_acc_avx512, gemm_rows_avx512};
+                                                     bias_add_avx512, bias_acc_avx512, gemm_rows_avx512, transpose16_avx512};
   if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, log_add_base, exp_avx2, scale_copy_base, softmax_grad_avx2, softmax_grad_dp_base, dot_avx2, add_base, bias_add_base,
-                                          bias_acc_base, nullptr};
+                                          bias_acc_base, gemm_rows_avx2, transpose16_avx2};
 #endif
   return {"baseline", max_base, exp_sum_base, log_add_base, exp_base, scale_copy_base, softmax_grad_base, softmax_grad_dp_base, dot_base, add_base, bias_add_base, bias_acc_base,
-          nullptr};
+          nullptr, nullptr};
 }
 
 }  // namespace

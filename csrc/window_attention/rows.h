@@ -25,6 +25,29 @@ struct OutRows {
   float* row(int64_t r) const { return ptr ? ptr[r] : base + r * ld; }
 };
 
+// Rows [i, i + MR) of a GEMM tile at column j (gemm_avx512.cpp, gemm_avx2.cpp): A's rows (or, for
+// op(A) = A^T, at = A + i), C's rows, and each row's multiplier alpha C.scale[r] (mul is null when
+// the product has none, so the tile skips the multiply). Not copyable: mul points into it.
+template <int MR>
+struct TileRows {
+  const float* a[MR];
+  float* c[MR];
+  const float* at;
+  const float* mul;
+  float row_mul[MR];
+  TileRows(bool trans_a, int64_t i, int64_t j, const InRows& A, const OutRows& C, float alpha) {
+    for (int r = 0; r < MR; ++r) {
+      a[r] = trans_a ? nullptr : A.row(i + r);
+      c[r] = C.row(i + r) + j;
+      row_mul[r] = C.scale ? alpha * C.scale[i + r] : alpha;
+    }
+    at = trans_a ? A.base + i : nullptr;
+    mul = C.scale || alpha != 1.f ? row_mul : nullptr;
+  }
+  TileRows(const TileRows&) = delete;
+  TileRows& operator=(const TileRows&) = delete;
+};
+
 // The relative position bias of one query row, read from a head's table stored in reverse flat
 // order: the keys of a row come in runs of `ew` consecutive w (one run per key (t, h)), and along
 // a run the reversed table's index rises by one per key, so a run is a contiguous slice of it.
@@ -62,16 +85,21 @@ struct RowOps {
   void (*bias_acc)(float* rev, const float* row, const BiasRuns& runs);
   // C (m x N) = alpha op(A) B (K x N) for window-sized operands, op(A) = A (m x K) or A^T (A
   // stored K x m, base form only), B in base form; null where the kernel should call the BLAS
-  // instead (see gemm_avx512.cpp).
+  // instead (see gemm_avx512.cpp, gemm_avx2.cpp).
   void (*gemm)(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
                float alpha);
+  // dst[c * ld + i] = scale * src[i][col0 + c] for i, c in [0, 16): a 16 x 16 block transpose for
+  // the GEMM's B operands; null where gemm is.
+  void (*transpose16)(const float* const* src, int64_t col0, float* dst, int64_t ld, float scale);
 };
 
 #if defined(__x86_64__)
-// dst[c * ld + i] = scale * src[i][col0 + c] for i, c in [0, 16): a 16 x 16 block transpose.
 void transpose16_avx512(const float* const* src, int64_t col0, float* dst, int64_t ld, float scale);
 void gemm_rows_avx512(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
                       const OutRows& C, float alpha);
+void transpose16_avx2(const float* const* src, int64_t col0, float* dst, int64_t ld, float scale);
+void gemm_rows_avx2(bool trans_a, int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
+                    float alpha);
 #endif
 
 const RowOps& row_ops();
