@@ -346,6 +346,16 @@ _ISA_SCRIPT = textwrap.dedent(
             err = ((a.double() - b).abs().max() / b.abs().max().clamp(min=1)).item()
             assert err < tol, (dtype, err)
             worst = max(worst, err)
+    # This ISA's exp, as in test_float32_softmax_is_within_a_few_ulp_over_the_whole_exp_range.
+    logits = torch.linspace(-87.0, 0.0, 2000)
+    _, lse, probs = torch.ops.walt.window_attention_keep_probs(
+        torch.ones(1, 1, 1, 2000, 1, 1), logits.view(1, 1, 1, 2000, 1, 1), logits.view(1, 1, 1, 2000, 1, 1),
+        [1, 1, 2000], 1.0, None)
+    ref, got = torch.softmax(logits.double(), 0), probs[0, 0, 0, :2000].double()
+    normal = ref > 1e-36
+    assert ((got[normal] - ref[normal]).abs() / ref[normal]).max() < 6e-7
+    assert (got[~normal] - ref[~normal]).abs().max() < 1e-38
+    torch.testing.assert_close(lse[0, 0, 0, 0, 0].double(), torch.logsumexp(logits.double(), 0), rtol=1e-6, atol=1e-6)
     print("ok", worst)
     """
 )
