@@ -3,7 +3,10 @@
 // an op: how the library was built and what the running CPU offers.
 #include <torch/extension.h>
 
+#include <string>
+
 #include "walt/cpu_features.h"
+#include "window_attention/rows.h"
 
 namespace {
 
@@ -30,10 +33,17 @@ pybind11::dict cpu_features() {
   return f;
 }
 
+// The float32 attention kernel's row loops and GEMM on this CPU, as WALT_CPU_ISA leaves them.
+std::string attention_cpu_path() {
+  const walt::attn::RowOps& ops = walt::attn::row_ops();
+  return std::string(ops.isa) + (ops.gemm ? " loops, walt GEMM" : " loops, BLAS GEMM");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "walt fused kernels (ops are registered under torch.ops.walt)";
   m.def("build_info", &build_info, "How walt._C was built.");
   m.def("cpu_features", &cpu_features, "SIMD features of the running CPU that walt's kernels dispatch on.");
+  m.def("attention_cpu_path", &attention_cpu_path, "Which row loops and GEMM float32 CPU attention runs on here.");
 }

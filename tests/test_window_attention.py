@@ -356,7 +356,7 @@ _ISA_SCRIPT = textwrap.dedent(
     assert ((got[normal] - ref[normal]).abs() / ref[normal]).max() < 6e-7
     assert (got[~normal] - ref[~normal]).abs().max() < 1e-38
     torch.testing.assert_close(lse[0, 0, 0, 0, 0].double(), torch.logsumexp(logits.double(), 0), rtol=1e-6, atol=1e-6)
-    print("ok", worst)
+    print("ok", worst, walt._C.attention_cpu_path(), walt._C.cpu_features()["avx2"])
     """
 )
 
@@ -366,3 +366,7 @@ def test_other_isa_paths_match_oracle(isa):
     env = dict(os.environ, WALT_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
     run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+    # The path that ran, as `python -m walt.info` reports it (a CPU without AVX2 runs the baseline).
+    has_avx2 = run.stdout.split()[-1] == "True"
+    expected = "avx2 loops, walt GEMM" if isa == "avx2" and has_avx2 else "baseline loops, BLAS GEMM"
+    assert expected in run.stdout, run.stdout

@@ -19,6 +19,7 @@ def info() -> dict:
         "cuda_kernels_built": build.pop("with_cuda"),
         "cuda_available": torch.cuda.is_available(),
         "cpu_features": dict(_C.cpu_features()),
+        "attention_cpu": _C.attention_cpu_path(),
         "threads": torch.get_num_threads(),
         **build,
         "ops": sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("walt::")),
