@@ -228,53 +228,8 @@ struct RowsF {
   void bias_add(float* row, const float* rev, const BiasRuns& r) const { ops.bias_add(row, rev, r); }
   void bias_acc(float* rev, const float* row, const BiasRuns& r) const { ops.bias_acc(rev, row, r); }
 };
-struct RowsD {
-  double max(const double* x, int64_t n) const {
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-    return m;
-  }
-  double exp_sum(double* x, int64_t n, double sub) const {
-    double s = 0;
-    for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - sub));
-    return s;
-  }
-  void log_add(double* lse, const double* m, int64_t n) const {
-    for (int64_t i = 0; i < n; ++i) lse[i] = m[i] + std::log(lse[i]);
-  }
-  void exp(double* x, int64_t n, double sub) const {
-    for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
-  }
-  void scale_copy(double* dst, const double* src, int64_t n, double s) const {
-    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
-  }
-  void softmax_grad_dp(double* dp, const double* p, int64_t n, double delta) const {
-    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
-  }
-  void softmax_grad(double* p, const double* dp, int64_t n, double delta) const {
-    for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
-  }
-  double dot(const double* a, const double* b, int64_t n) const {
-    double s = 0;
-    for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-    return s;
-  }
-  void add(double* x, const double* b, int64_t n) const {
-    for (int64_t j = 0; j < n; ++j) x[j] += b[j];
-  }
-  void bias_add(double* row, const double* rev, const BiasRuns& r) const {
-    for (int64_t t = 0; t < r.et; ++t)
-      for (int64_t h = 0; h < r.eh; ++h)
-        for (int64_t w = 0; w < r.ew; ++w) row[(t * r.eh + h) * r.ew + w] += rev[t * r.step_t + h * r.step_h + w];
-  }
-  void bias_acc(double* rev, const double* row, const BiasRuns& r) const {
-    for (int64_t t = 0; t < r.et; ++t)
-      for (int64_t h = 0; h < r.eh; ++h)
-        for (int64_t w = 0; w < r.ew; ++w) rev[t * r.step_t + h * r.step_h + w] += row[(t * r.eh + h) * r.ew + w];
-  }
-};
 template <typename acc_t>
-using Rows = std::conditional_t<std::is_same_v<acc_t, double>, RowsD, RowsF>;
+using Rows = std::conditional_t<std::is_same_v<acc_t, double>, PlainRows<double>, RowsF>;
 
 // Adds the bias to logit row i of a (window e, head) task: the dense block's row for a full window
 // (dense: the (heads, n_max, n_max) blocks, or null), else the row's runs of the head's reversed
@@ -352,8 +307,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const Task t = decode_task(g, heads, nwin, task);
         const int64_t b = t.b, head = t.head, n = t.e.n;
         const WindowExtent& e = t.e;
-        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3];
-        acc_t* S = buf[4];
+        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
         if (kept) std::fill(P_kept + n * n, P_kept + nmax * nmax, acc_t(0));  // a partial window's unused tail
         acc_t *inv = buf[5], *row_lse = buf[5] + nmax, *row_max = buf[5] + 2 * nmax;  // a slice holds >= 3 nmax
@@ -619,8 +573,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const at::Tensor dense = probs.defined() ? at::Tensor() : dense_bias(bias, g);  // only to recompute P
   const int64_t B = q.size(0), heads = q.size(4), nwin = num_windows(g), table = bias_table_size(g);
-  // One partial table per task (reversed, like the forward's), reduced below in a fixed order: no atomics, no dependence on
-  // which thread ran which task.
+  // One partial table per task (reversed, like the forward's), reduced below in a fixed order: no
+  // atomics, no dependence on which thread ran which task.
   at::Tensor partial = want_dbias ? at::zeros({B * nwin, heads, table}, q.options().dtype(acc)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention_backward", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {

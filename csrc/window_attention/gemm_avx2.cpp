@@ -9,23 +9,12 @@
 #include <cstdint>
 
 #include "rows.h"
+#include "simd.h"
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-#define WALT_AVX2 __attribute__((target("avx2,fma")))
 
 namespace walt::attn {
 namespace {
-
-// Lanes [0, left) of a vector of 8 selected (left may be <= 0 or >= 8).
-WALT_AVX2 inline __m256i lanes8(int64_t left) {
-  const int n = left <= 0 ? 0 : left >= 8 ? 8 : int(left);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 // One tile of MR rows x 8 NV columns over k in [0, K); the arguments as in gemm_avx512.cpp's
 // tile, with m[0..NV) the lane masks of a partial tile (FULL: all columns exist).
@@ -78,7 +67,7 @@ WALT_AVX2 void row_block(int64_t i, int64_t j, int64_t K, int64_t N, const InRow
     tile<MR, NV, TA, true>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, nullptr);
   } else {
     __m256i cols[NV];
-    for (int q = 0; q < NV; ++q) cols[q] = lanes8(left - 8 * q);
+    for (int q = 0; q < NV; ++q) cols[q] = tail8(left - 8 * q);
     tile<MR, NV, TA, false>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, cols);
   }
 }

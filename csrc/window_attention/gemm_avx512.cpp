@@ -17,12 +17,9 @@
 #include <cstdint>
 
 #include "rows.h"
+#include "simd.h"
 
 #if defined(__x86_64__)
-#include <immintrin.h>
-
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace walt::attn {
 namespace {
@@ -33,9 +30,9 @@ namespace {
 // apart; cr: the MR output rows, already offset to the tile's first column; mul: each output
 // row's multiplier (null: none).
 template <int MR, int NV, bool TA, bool FULL>
-__attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* const* ar, const float* at, int64_t lda,
-                                                      const float* bpanel, int64_t ldb, float* const* cr,
-                                                      const float* mul, const __mmask16* m) {
+WALT_AVX512 __attribute__((noinline)) void tile(int64_t K, const float* const* ar, const float* at, int64_t lda,
+                                                const float* bpanel, int64_t ldb, float* const* cr,
+                                                const float* mul, const __mmask16* m) {
   // Every loop over r and q is fully unrolled so the accumulators live in registers.
   const float* a[MR];
 #pragma GCC unroll 8
@@ -75,26 +72,23 @@ __attribute__((target("avx512f"), noinline)) void tile(int64_t K, const float* c
 
 // Rows [i, i + MR) x columns [j, j + 16 NV) of C.
 template <int MR, int NV, bool TA>
-__attribute__((target("avx512f"))) void row_block(int64_t i, int64_t j, int64_t K, int64_t N, const InRows& A,
-                                                 const float* bpanel, int64_t ldb, const OutRows& C, float alpha) {
+WALT_AVX512 void row_block(int64_t i, int64_t j, int64_t K, int64_t N, const InRows& A, const float* bpanel,
+                           int64_t ldb, const OutRows& C, float alpha) {
   const TileRows<MR> t(TA, i, j, A, C, alpha);
   const int64_t left = N - j;
   if (left >= 16 * NV) {
     tile<MR, NV, TA, true>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, nullptr);
   } else {
     __mmask16 cols[NV];
-    for (int q = 0; q < NV; ++q) {
-      const int64_t in = left - 16 * q;  // columns of this vector that exist
-      cols[q] = in >= 16 ? __mmask16(0xFFFF) : in <= 0 ? __mmask16(0) : __mmask16((1u << in) - 1u);
-    }
+    for (int q = 0; q < NV; ++q) cols[q] = tail16(left - 16 * q);  // the columns of vector q that exist
     tile<MR, NV, TA, false>(K, t.a, t.at, A.ld, bpanel, ldb, t.c, t.mul, cols);
   }
 }
 
 // All rows of one column panel [j, j + 16 NV): blocks of MR rows, then the leftovers.
 template <int MR, int NV, bool TA>
-__attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t K, int64_t N, const InRows& A,
-                                             const float* bpanel, int64_t ldb, const OutRows& C, float alpha) {
+WALT_AVX512 void panel(int64_t m, int64_t j, int64_t K, int64_t N, const InRows& A, const float* bpanel,
+                       int64_t ldb, const OutRows& C, float alpha) {
   int64_t i = 0;
   for (; i + MR <= m; i += MR) row_block<MR, NV, TA>(i, j, K, N, A, bpanel, ldb, C, alpha);
   if constexpr (MR > 4) {
@@ -121,8 +115,8 @@ __attribute__((target("avx512f"))) void panel(int64_t m, int64_t j, int64_t K, i
 // vectors, so no FMA works on masked-off columns; so do the last columns of wider products (an
 // 80-token window's logits: one 64-wide panel and one 16-wide, not a 4 x 4 tile 3/4 masked).
 template <bool TA>
-__attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B,
-                                            const OutRows& C, float alpha) {
+WALT_AVX512 void gemm(int64_t m, int64_t N, int64_t K, const InRows& A, const InRows& B, const OutRows& C,
+                      float alpha) {
   int64_t j = 0;
   for (; j + 64 <= N; j += 64) panel<4, 4, TA>(m, j, K, N, A, B.base + j, B.ld, C, alpha);
   for (; j + 16 < N; j += 32) panel<8, 2, TA>(m, j, K, N, A, B.base + j, B.ld, C, alpha);
@@ -133,8 +127,7 @@ __attribute__((target("avx512f"))) void gemm(int64_t m, int64_t N, int64_t K, co
 
 // 16 x 16 block transpose in registers: 32-bit then 64-bit interleaves within 128-bit lanes, then
 // two rounds of 128-bit lane shuffles; 64 shuffles instead of 256 scalar loads and stores.
-__attribute__((target("avx512f"))) void transpose16_avx512(const float* const* src, int64_t col0, float* dst,
-                                                          int64_t ld, float scale) {
+WALT_AVX512 void transpose16_avx512(const float* const* src, int64_t col0, float* dst, int64_t ld, float scale) {
   const __m512 s = _mm512_set1_ps(scale);
   __m512 r[16], t[16], u[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src[i] + col0);

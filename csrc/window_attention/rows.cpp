@@ -13,16 +13,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "simd.h"
 #include "walt/cpu_features.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-// GCC 12's AVX-512 headers seed masked intrinsics with _mm512_undefined_ps(), which its own
-// -Wuninitialized flags; the values are never read.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace walt::attn {
 namespace {
@@ -33,58 +25,8 @@ constexpr float kLog2eLo = 1.925963033500011e-08f;      // log2 e - kLog2eHi
 constexpr float kE0 = 1.0000000716545798f, kE1 = 0.6931469670614677f, kE2 = 0.2402211972418474f;
 constexpr float kE3 = 0.05550713278876275f, kE4 = 0.009675541320609927f, kE5 = 0.001327647025394137f;
 
-// ---------------------------------------------------------------- baseline (any CPU)
-float max_base(const float* x, int64_t n) {
-  float m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
-}
-float exp_sum_base(float* x, int64_t n, float sub) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    x[j] = std::exp(x[j] - sub);
-    s += x[j];
-  }
-  return s;
-}
-void exp_base(float* x, int64_t n, float sub) {
-  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
-}
-void log_add_base(float* lse, const float* m, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) lse[i] = m[i] + std::log(lse[i]);
-}
-void scale_copy_base(float* dst, const float* src, int64_t n, float s) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
-}
-void softmax_grad_dp_base(float* dp, const float* p, int64_t n, float delta) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
-}
-void softmax_grad_base(float* p, const float* dp, int64_t n, float delta) {
-  for (int64_t j = 0; j < n; ++j) p[j] = p[j] * (dp[j] - delta);
-}
-float dot_base(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
-
-void add_base(float* x, const float* b, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) x[j] += b[j];
-}
-void bias_add_base(float* row, const float* rev, const BiasRuns& r) {
-  for (int64_t t = 0; t < r.et; ++t)
-    for (int64_t h = 0; h < r.eh; ++h)
-      for (int64_t w = 0; w < r.ew; ++w) row[(t * r.eh + h) * r.ew + w] += rev[t * r.step_t + h * r.step_h + w];
-}
-void bias_acc_base(float* rev, const float* row, const BiasRuns& r) {
-  for (int64_t t = 0; t < r.et; ++t)
-    for (int64_t h = 0; h < r.eh; ++h)
-      for (int64_t w = 0; w < r.ew; ++w) rev[t * r.step_t + h * r.step_h + w] += row[(t * r.eh + h) * r.ew + w];
-}
-
 #if defined(__x86_64__)
 // ---------------------------------------------------------------- AVX-512F
-#define WALT_AVX512 __attribute__((target("avx512f")))
 
 WALT_AVX512 inline __m512 exp16(__m512 x) {
   // Below kExpLo (and for -inf, where f would be NaN) the result is forced to 0.
@@ -99,10 +41,6 @@ WALT_AVX512 inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE0));
   return _mm512_maskz_scalef_ps(keep, p, n);
-}
-
-WALT_AVX512 inline __mmask16 tail16(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
 // log x for x >= 0 (0 -> -inf, +inf -> +inf, NaN -> NaN): x = 2^e m with m in [sqrt(1/2), sqrt(2)),
@@ -225,7 +163,6 @@ WALT_AVX512 void bias_acc_avx512(float* rev, const float* row, const BiasRuns& r
 }
 
 // ---------------------------------------------------------------- AVX2 + FMA
-#define WALT_AVX2 __attribute__((target("avx2,fma")))
 
 // n = round(x log2 e) comes from the rounding of t = x log2 e + (1.5 2^23 + 127), whose low
 // mantissa bits then hold n + 127: shifted into the exponent field they are 2^n, with no
@@ -248,12 +185,6 @@ WALT_AVX2 inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE0));
   const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-// Lanes [0, left) active; masked loads read nothing outside the row.
-WALT_AVX2 inline __m256i tail8(int64_t left) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), lane);
 }
 
 WALT_AVX2 float hsum8(__m256 v) {
@@ -329,10 +260,12 @@ RowOps pick() {
 #if defined(__x86_64__)
   if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, log_add_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512, add_avx512,
                                                      bias_add_avx512, bias_acc_avx512, gemm_rows_avx512, transpose16_avx512};
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, log_add_base, exp_avx2, scale_copy_base, softmax_grad_avx2, softmax_grad_dp_base, dot_avx2, add_base, bias_add_base,
-                                          bias_acc_base, gemm_rows_avx2, transpose16_avx2};
+  using P = PlainRows<float>;
+  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, P::log_add, exp_avx2, P::scale_copy, softmax_grad_avx2, P::softmax_grad_dp, dot_avx2, P::add, P::bias_add,
+                                          P::bias_acc, gemm_rows_avx2, transpose16_avx2};
 #endif
-  return {"baseline", max_base, exp_sum_base, log_add_base, exp_base, scale_copy_base, softmax_grad_base, softmax_grad_dp_base, dot_base, add_base, bias_add_base, bias_acc_base,
+  using B = PlainRows<float>;
+  return {"baseline", B::max, B::exp_sum, B::log_add, B::exp, B::scale_copy, B::softmax_grad, B::softmax_grad_dp, B::dot, B::add, B::bias_add, B::bias_acc,
           nullptr, nullptr};
 }
 

@@ -4,7 +4,9 @@
 // One ISA gives one result: the same machine always reproduces the same bits.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace walt::attn {
 
@@ -56,6 +58,55 @@ struct TileRows {
 struct BiasRuns {
   int64_t et, eh, ew;
   int64_t step_t, step_h;  // (2 rh - 1)(2 rw - 1) and 2 rw - 1: table strides of t and h
+};
+
+// The row loops in plain C++, for any floating type: the baseline RowOps (float) and the float64
+// kernel's row loops (std::exp and std::log, no vectors).
+template <typename T>
+struct PlainRows {
+  static T max(const T* x, int64_t n) {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+  }
+  static T exp_sum(T* x, int64_t n, T sub) {
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) s += (x[j] = std::exp(x[j] - sub));
+    return s;
+  }
+  static void log_add(T* lse, const T* m, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) lse[i] = m[i] + std::log(lse[i]);
+  }
+  static void exp(T* x, int64_t n, T sub) {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j] - sub);
+  }
+  static void scale_copy(T* dst, const T* src, int64_t n, T s) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * s;
+  }
+  static void softmax_grad(T* p, const T* dp, int64_t n, T delta) {
+    for (int64_t j = 0; j < n; ++j) p[j] *= dp[j] - delta;
+  }
+  static void softmax_grad_dp(T* dp, const T* p, int64_t n, T delta) {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  }
+  static T dot(const T* a, const T* b, int64_t n) {
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+    return s;
+  }
+  static void add(T* x, const T* b, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) x[j] += b[j];
+  }
+  static void bias_add(T* row, const T* rev, const BiasRuns& r) {
+    for (int64_t t = 0; t < r.et; ++t)
+      for (int64_t h = 0; h < r.eh; ++h)
+        for (int64_t w = 0; w < r.ew; ++w) row[(t * r.eh + h) * r.ew + w] += rev[t * r.step_t + h * r.step_h + w];
+  }
+  static void bias_acc(T* rev, const T* row, const BiasRuns& r) {
+    for (int64_t t = 0; t < r.et; ++t)
+      for (int64_t h = 0; h < r.eh; ++h)
+        for (int64_t w = 0; w < r.ew; ++w) rev[t * r.step_t + h * r.step_h + w] += row[(t * r.eh + h) * r.ew + w];
+  }
 };
 
 struct RowOps {

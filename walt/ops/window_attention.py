@@ -13,9 +13,8 @@ __all__ = ["window_attention"]
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # The CPU kernel keeps a window's whole n x n logit block per thread (csrc/window_attention/op.cpp).
 MAX_WINDOW_TOKENS = 2048
-# When gradients are needed on the CPU, the forward keeps the softmax probabilities for the
-# backward if they take at most this much memory per call (WALT_ATTENTION_KEEP_PROBS_MB, default
-# 1024; 0 always recomputes them, flash-attention style).
+
+
 def _keep_probs_budget(value):
     try:
         mb = float(value)
@@ -26,6 +25,9 @@ def _keep_probs_budget(value):
     return int(mb * 2**20)
 
 
+# When gradients are needed on the CPU, the forward keeps the softmax probabilities for the
+# backward if they take at most this much memory per call (WALT_ATTENTION_KEEP_PROBS_MB, default
+# 1024; 0 always recomputes them, flash-attention style).
 KEEP_PROBS_MAX_BYTES = _keep_probs_budget(os.environ.get("WALT_ATTENTION_KEEP_PROBS_MB", "1024"))
 
 
@@ -78,7 +80,7 @@ def _keep_probs(q, k, v, window, rel_pos_bias):
     if not any(x.requires_grad for x in leaves):
         return False
     windows, tokens = _windows_and_tokens(q.shape, window)
-    itemsize = 8 if q.dtype == torch.float64 else 4
+    itemsize = _lse_dtype(q).itemsize  # the probabilities are kept in the accumulation type, like lse
     return q.shape[0] * windows * q.shape[4] * tokens**2 * itemsize <= KEEP_PROBS_MAX_BYTES
 
 
