@@ -20,7 +20,8 @@ from common import compare, environment, print_table, sgemm_peak_gflops, write_j
 
 import walt  # noqa: E402,F401
 from walt.ops import window_attention  # noqa: E402
-from walt.ops.reference import clamp_window, window_attention_sdpa  # noqa: E402
+from walt.ops.reference import clamp_window  # noqa: E402
+from walt.ops.unfused import window_attention_sdpa  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 

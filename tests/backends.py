@@ -8,11 +8,11 @@ FUSED_BUILT = hasattr(walt.ops, "window_attention")
 FUSED_NOISE_BUILT = hasattr(walt.ops, "add_noise")
 
 BACKENDS = [
-    "reference",
+    "torch",
     pytest.param("fused", marks=pytest.mark.skipif(not FUSED_BUILT, reason="fused ops not built")),
 ]
 NOISE_BACKENDS = [
-    "reference",
+    "torch",
     pytest.param("fused", marks=pytest.mark.skipif(not FUSED_NOISE_BUILT, reason="fused ops not built")),
 ]
 

@@ -18,7 +18,7 @@ def _perturb_latents_after(vae, k, f_t):
     y = x.clone()
     y[:, k + 1 :] = torch.rand_like(y[:, k + 1 :]) * 2 - 1
     with torch.no_grad():
-        return vae.encode(x, normalize=False), vae.encode(y, normalize=False)
+        return vae.encode(x), vae.encode(y)
 
 
 @pytest.mark.parametrize("f_t", [1, 2, 4])
@@ -51,12 +51,9 @@ def test_image_is_a_one_frame_video_and_the_first_latent():
         z_img = vae.encode(video[:, 0])
         z_one = vae.encode(video[:, :1])
         z_clip = vae.encode(video)
-        z_frames = vae.encode_frames(video)
     assert z_img.shape == (2, 1, 4, 4, 8)
     torch.testing.assert_close(z_img, z_one, rtol=0, atol=0)
     torch.testing.assert_close(z_clip[:, :1], z_img, rtol=1e-5, atol=1e-5)  # first frame encoded on its own
-    assert z_frames.shape == (2, 17, 4, 4, 8)
-    torch.testing.assert_close(z_frames[:, 5:6], vae.encode(video[:, 5]), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert vae.decode(z_img).shape == (2, 1, 3, 16, 16)
 
@@ -71,14 +68,18 @@ def test_paper_compression_17x128x128_to_5x16x16x8():
 
 def test_latent_normalization_round_trip():
     vae = _vae()
-    vae.set_latent_stats(torch.arange(8.0), torch.full((8,), 2.0))
+    vae.set_latent_stats("video", torch.arange(8.0), torch.full((8,), 2.0))
+    vae.set_latent_stats("image", torch.ones(8), torch.full((8,), 4.0))
     x = torch.rand(1, 5, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        raw = vae.encode(x, normalize=False)
-        norm = vae.encode(x)
-        torch.testing.assert_close(norm, (raw - torch.arange(8.0)) / 2)
-        torch.testing.assert_close(vae.decode(norm), vae.decode(raw, normalized=False))
-    assert set(vae.state_dict()) >= {"latent_mean", "latent_std"}
+        raw = vae.encode(x)
+        for mode, mean, std in (("video", torch.arange(8.0), 2.0), ("image", torch.ones(8), 4.0)):
+            norm = vae.encode(x, mode=mode)
+            torch.testing.assert_close(norm, (raw - mean) / std)
+            torch.testing.assert_close(vae.decode(norm, mode=mode), vae.decode(raw))
+    assert vae.state_dict()["latent_mean"].shape == (2, 8)  # one row per mode
+    with pytest.raises(ValueError, match="mode must be one of"):
+        vae.encode(x, mode="clip")
 
 
 def test_bad_input_is_one_clear_sentence():

@@ -18,7 +18,8 @@ import walt  # noqa: F401
 from attention_inputs import case_id
 from walt.diffusion import make_schedule
 from walt.ops import add_noise, window_attention
-from walt.ops.reference import window_attention_reference, window_attention_sdpa
+from walt.ops.reference import window_attention_reference
+from walt.ops.unfused import window_attention_sdpa
 
 pytestmark = [
     pytest.mark.cuda,

@@ -88,7 +88,7 @@ def test_clip_dataset_protocol_and_loader(store_dir):
     frames = FrameDataset(ds)
     assert len(frames) == len(ds) * T
     f = frames[T + 3]  # clip 1, frame 3
-    torch.testing.assert_close(f["image"], item["video"][3])
+    torch.testing.assert_close(f["video"], item["video"][3:4])  # a 1-frame clip
     torch.testing.assert_close(f["depth"], item["depth"][3])
     assert int(f["clip"]) == 1 and int(f["frame"]) == 3
 

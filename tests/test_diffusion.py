@@ -7,7 +7,7 @@ from walt.diffusion import Diffusion, DiffusionConfig, ddim_sample, ddim_timeste
 from walt.ops.reference import add_noise_reference
 
 
-def _diffusion(backend="reference", **over):
+def _diffusion(backend="torch", **over):
     return Diffusion(DiffusionConfig(noise_backend=backend, **over))
 
 

@@ -14,10 +14,12 @@ from walt.cli.train import main as cli
 from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
 from walt.diffusion import Diffusion, DiffusionConfig
 from walt.models import TRANSFORMER_PRESETS, WALT, CausalVAE, TransformerConfig
+from walt import runs
 from walt.train import checkpoint
-from walt.train.data import FrameDataset, StepBatches
+from walt.data.dataset import FrameDataset
+from walt.train.data import StepBatches
 from walt.train.loop import NonFiniteLoss, lr_factor, train
-from walt.train.synthetic import MovingShapes
+from walt.data.synthetic import MovingShapes
 
 TINY_AE = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, spatial_factor=4, temporal_factor=4, groups=8)
 
@@ -30,7 +32,8 @@ def make_ae_run(out_dir):
         f.write(to_yaml(cfg))
     torch.manual_seed(0)
     vae = CausalVAE(cfg.autoencoder)
-    vae.set_latent_stats(torch.zeros(8), torch.full((8,), 0.5))
+    for mode in ("video", "image"):
+        vae.set_latent_stats(mode, torch.zeros(8), torch.full((8,), 0.5))
     checkpoint.export_safetensors(os.path.join(out_dir, "model.safetensors"), vae)
     return str(out_dir)
 
@@ -88,7 +91,7 @@ def test_tiny_model_overfits_a_tiny_set():
     assert losses[-1] < losses[0] / 10
 
 
-@pytest.mark.parametrize("mode,backend", [("video", "reference"), ("image", "reference"), *(
+@pytest.mark.parametrize("mode,backend", [("video", "torch"), ("image", "torch"), *(
     [pytest.param("video", "fused", marks=pytest.mark.skipif(not (FUSED_BUILT and FUSED_NOISE_BUILT), reason="fused ops not built"))]
 )])
 def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode, backend):
@@ -110,7 +113,7 @@ def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode, backend):
     assert (tmp_path / "full" / "samples" / "step_000006.mp4").exists() == (mode == "video")
     saved = yaml.safe_load(open(tmp_path / "full" / "config.yaml"))
     assert saved["model"]["mode"] == mode and saved["train"]["steps"] == 6
-    model, cfg = checkpoint.load_transformer(full)  # the feature-dump path: EMA weights by default
+    model, cfg = runs.load_transformer(full)  # the feature-dump path: EMA weights by default
     assert cfg.model.mode == mode
     assert_bitwise_equal(model.state_dict(), weights(full, "ema.safetensors"))
 
@@ -124,13 +127,13 @@ def test_autoencoder_stage_with_discriminator_resumes_bit_exactly(tmp_path):
     run("autoencoder", part, resume=True)
     wa, wb = weights(full), weights(tmp_path / "part")
     assert_bitwise_equal(wa, wb)
-    assert wa["latent_std"].min() > 0 and not torch.equal(wa["latent_std"], torch.ones(8))  # stats were computed
+    assert wa["latent_std"].min() > 0 and not torch.equal(wa["latent_std"], torch.ones(2, 8))  # stats were computed
     last = json.loads(open(tmp_path / "full" / "metrics.jsonl").readlines()[-1])
     assert {"recon", "kl", "gen", "disc"} <= last.keys()
-    vae = checkpoint.load_autoencoder(full)  # loads back as the diffusion stage will
+    vae = runs.load_autoencoder(full)  # loads back as the diffusion stage will
     assert torch.equal(vae.latent_mean, wa["latent_mean"])
     with pytest.raises(ValueError, match="expected a diffusion run"):
-        checkpoint.load_transformer(full)
+        runs.load_transformer(full)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ae_run, monkeypatch):
@@ -262,13 +265,14 @@ def test_dataset_protocol_tensor_file_factory_and_tuples(tmp_path):
     from safetensors.torch import save_file
 
     from walt.config import DataConfig
-    from walt.train.data import build_dataset, clip_of, collate
+    from walt.data.dataset import build_dataset, clip_of
+    from walt.train.data import collate
 
     clips = torch.rand(3, 5, 3, 16, 16) * 2 - 1
     save_file({"video": clips}, str(tmp_path / "clips.safetensors"))
     ds = build_dataset(DataConfig(kind="tensor", path=str(tmp_path / "clips.safetensors")))
     assert len(ds) == 3 and torch.equal(ds[1]["video"], clips[1])
-    ds = build_dataset(DataConfig(kind="factory", factory="walt.train.synthetic:MovingShapes", kwargs={"num_clips": 2, "frames": 5, "size": 16}))
+    ds = build_dataset(DataConfig(kind="factory", factory="walt.data.synthetic:MovingShapes", kwargs={"num_clips": 2, "frames": 5, "size": 16}))
     assert len(ds) == 2 and ds[0]["video"].shape == (5, 3, 16, 16)
     tuples = torch.utils.data.TensorDataset(clips)
     assert collate([tuples[0], tuples[2]]).shape == (2, 5, 3, 16, 16)
@@ -350,3 +354,64 @@ def test_sigterm_checkpoints_and_stops_then_resume_is_bit_exact(tmp_path, ae_run
     monkeypatch.setattr(Diffusion, "loss", real)
     run("diffusion", part, resume=True)
     assert_bitwise_equal(weights(full), weights(tmp_path / "part"))
+
+
+def test_both_modes_see_the_same_latent_tokens_per_step(tmp_path, ae_run):
+    per_step = {}
+    for mode in ("video", "image"):
+        out = run("diffusion", tiny_sets(tmp_path / mode, ae_run, steps=2, **{"model.mode": mode, "train.num_samples": 0}))
+        recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+        per_step[mode] = {r["tokens_per_step"] for r in recs}
+    # 4 clips of 5 frames -> 4 x 2 latent frames of 4x4 tokens; I-WALT: 8 single frames of 4x4
+    assert per_step["video"] == per_step["image"] == {4 * 2 * 16}
+    off = run("diffusion", tiny_sets(tmp_path / "unmatched", ae_run, steps=1,
+                                     **{"model.mode": "image", "train.match_tokens": False, "train.num_samples": 0}))
+    assert json.loads(open(os.path.join(off, "metrics.jsonl")).readline())["tokens_per_step"] == 4 * 16
+
+
+def test_each_mode_trains_on_its_own_latent_statistics(tmp_path, ae_run, monkeypatch):
+    from walt.train import diffusion
+
+    seen = []
+    real = diffusion.latents_for
+    monkeypatch.setattr(diffusion, "latents_for", lambda mode, vae, video: seen.append((mode, video.shape)) or real(mode, vae, video))
+    for mode in ("video", "image"):
+        run("diffusion", tiny_sets(tmp_path / mode, ae_run, steps=1, **{"model.mode": mode, "train.num_samples": 0}))
+    assert seen == [("video", (4, 5, 3, 16, 16)), ("image", (8, 1, 3, 16, 16))]
+
+
+def test_video_mode_image_steps_take_single_frames(tmp_path, ae_run, monkeypatch):
+    from walt.train import diffusion
+
+    shapes = []
+    real = diffusion.latents_for
+    monkeypatch.setattr(diffusion, "latents_for", lambda mode, vae, video: shapes.append(tuple(video.shape)) or real(mode, vae, video))
+    out = run("diffusion", tiny_sets(tmp_path, ae_run, steps=8, **{"train.image_fraction": 0.5, "train.num_samples": 0}))
+    assert set(shapes) == {(4, 5, 3, 16, 16), (8, 1, 3, 16, 16)}  # clip steps and image steps, same tokens
+    assert {json.loads(x)["tokens_per_step"] for x in open(os.path.join(out, "metrics.jsonl"))} == {4 * 2 * 16}
+    with pytest.raises(ValueError, match="image_fraction"):
+        run("diffusion", tiny_sets(tmp_path / "img", ae_run, **{"model.mode": "image", "train.image_fraction": 0.5}))
+
+
+def test_snapshots_are_kept_survive_a_kill_and_load_by_step(tmp_path, ae_run):
+    keep = {"train.keep_every": [0.5, 1.0], "train.num_samples": 0}
+    full = run("diffusion", tiny_sets(tmp_path / "full", ae_run, **keep))
+    assert runs.snapshot_steps(full) == [3, 6]
+    part = tiny_sets(tmp_path / "part", ae_run, **keep)
+    run("diffusion", part, stop_after=2)
+    run("diffusion", part, resume=True, stop_after=2)  # killed after the step-3 snapshot ...
+    run("diffusion", part, resume=True)  # ... and finished
+    for step in (3, 6):
+        a = load_file(runs.snapshot_path(full, step))
+        assert_bitwise_equal(a, load_file(runs.snapshot_path(str(tmp_path / "part"), step)))
+        model, _ = runs.load_transformer(full, step=step)
+        assert_bitwise_equal(model.state_dict(), a)
+    assert_bitwise_equal(load_file(runs.snapshot_path(full, 6)), weights(full, "ema.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"no snapshot at step 4; it has \[3, 6\]"):
+        runs.load_transformer(full, step=4)
+
+    # The untrained control is the run's own initial weights: a run with lr 0 never moves them.
+    frozen = run("diffusion", tiny_sets(tmp_path / "frozen", ae_run, steps=1, **{"train.lr": 0.0, "train.num_samples": 0}))
+    untrained, _ = runs.load_transformer(frozen, weights=False)
+    assert_bitwise_equal(untrained.state_dict(), weights(frozen))
+    assert not torch.equal(untrained.state_dict()["blocks.0.attn.qkv.weight"], weights(full)["blocks.0.attn.qkv.weight"])

@@ -11,7 +11,8 @@ import torch
 import walt  # noqa: F401
 from attention_inputs import case_id, make_inputs, max_err
 from walt.ops import window_attention
-from walt.ops.reference import window_attention_reference, window_attention_sdpa
+from walt.ops.reference import window_attention_reference
+from walt.ops.unfused import window_attention_sdpa
 
 LOW = (torch.float32, torch.bfloat16, torch.float16)
 OPS = sys.modules["walt.ops.window_attention"]  # the module (walt.ops.window_attention is the function)

@@ -7,7 +7,8 @@ import torch
 import walt  # noqa: F401
 from attention_inputs import case_id, max_err
 from attention_inputs import make_inputs as make_qkv
-from walt.ops.reference import window_attention_reference, window_attention_sdpa
+from walt.ops.reference import window_attention_reference
+from walt.ops.unfused import window_attention_sdpa
 
 fwd = torch.ops.walt._window_attention_composite
 bwd = torch.ops.walt._window_attention_composite_backward

@@ -53,6 +53,13 @@ class TrainConfig:
     sample_every: int = 0  # diffusion: DDIM samples every N steps (0: only at the end)
     num_samples: int = 4
     seed: int = 0
+    # Diffusion stage. I-WALT draws batch x T' frames per step (T' = latent frames of a clip), so
+    # it sees as many latent tokens per step as V-WALT: the comparison is at matched compute.
+    match_tokens: bool = True
+    image_fraction: float = 0.0  # V-WALT: share of steps that train on single frames (joint image-video)
+    # EMA snapshots kept as snapshots/step-NNNNNN.safetensors: floats are fractions of train.steps,
+    # integers are steps; e.g. [0.1, 0.2, 0.4, 1.0] for the training-budget sweep.
+    keep_every: tuple = ()
     precision: str = "bf16"  # "bf16" autocast on GPU; "fp32" always. CPUs always run fp32.
     device: str = "auto"  # "auto", "cpu" or "cuda"
     threads: int = 0  # CPU intra-op threads per process (0: torch's default)
@@ -91,7 +98,7 @@ PRESETS = {
 }
 
 # Keys that may differ when resuming (they change how long/often, not what is computed).
-RESUMABLE_CHANGES = {"train.steps", "train.threads", "train.ckpt_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.steps", "train.threads", "train.ckpt_every", "train.keep_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
 
 
 class ConfigError(ValueError):

@@ -65,7 +65,7 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
         if cfg.stage == "diffusion" and cfg.autoencoder_run and os.path.isdir(cfg.autoencoder_run):
             import dataclasses
 
-            from walt.train.checkpoint import autoencoder_config
+            from walt.runs import autoencoder_config
 
             cfg = dataclasses.replace(cfg, autoencoder=autoencoder_config(cfg.autoencoder_run))
         n_walt, n_vae = _count(cfg)

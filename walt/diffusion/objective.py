@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from walt.diffusion.schedules import make_schedule
+from walt.ops.unfused import per_sample_randn
+from walt.seeding import mix_seed  # noqa: F401  (re-exported: the loop and the tasks seed from it)
 
 
 @dataclass
@@ -20,35 +22,16 @@ class DiffusionConfig:
     beta_end: float = 0.02
     zero_terminal_snr: bool = True
     self_cond_prob: float = 0.9
-    noise_backend: str = "reference"  # "fused" (walt.ops.add_noise) or "reference" (torch.randn + arithmetic)
+    noise_backend: str = "fused"  # "fused" (walt.ops.add_noise) or "torch" (torch.randn + arithmetic)
     sample_steps: int = 50
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*parts):
-    """A well-spread 63-bit seed from integers (splitmix64 finalizer over each part)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
-def per_sample_randn(shape, seed, keys, stream=2, dtype=torch.float32, device="cpu"):
-    """(B, *shape) standard normals; row b depends only on (seed, keys[b])."""
-    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, int(k), stream))) for k in keys]
-    return torch.stack(rows).to(device=device, dtype=dtype)
 
 
 class Diffusion:
     """The forward process, the v-prediction training loss and conversions between targets."""
 
     def __init__(self, cfg: DiffusionConfig):
-        if cfg.noise_backend not in ("fused", "reference"):
-            raise ValueError(f"noise_backend must be 'fused' or 'reference', got {cfg.noise_backend!r}")
+        if cfg.noise_backend not in ("fused", "torch"):
+            raise ValueError(f"diffusion.noise_backend must be 'fused' or 'torch', got {cfg.noise_backend!r}")
         self.cfg = cfg
         self.alphas_cumprod = make_schedule(
             cfg.schedule, cfg.num_steps, cfg.beta_start, cfg.beta_end, zero_terminal_snr=cfg.zero_terminal_snr

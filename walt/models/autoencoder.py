@@ -164,17 +164,28 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.layers(self.conv_in(z)))))
 
 
+LATENT_MODES = ("video", "image")  # rows of the latent statistics
+
+
+def _mode_row(mode):
+    if mode not in LATENT_MODES:
+        raise ValueError(f"mode must be one of {LATENT_MODES}, got {mode!r}")
+    return LATENT_MODES.index(mode)
+
+
 class CausalVAE(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        # Per-channel statistics of the posterior means over the training data, set by
-        # `set_latent_stats` after training; saved with the weights so the transformer's input
-        # normalization travels with the autoencoder.
-        self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
-        self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
+        # Per-channel statistics of the posterior means over the training data, one row per
+        # mode (LATENT_MODES): clip latents for V-WALT, single-frame latents for I-WALT, which
+        # differ (a 4-frame latent is not a 1-frame one), so the same t is the same SNR for
+        # both. Set by `set_latent_stats` after training; saved with the weights so the
+        # transformer's input normalization travels with the autoencoder.
+        self.register_buffer("latent_mean", torch.zeros(len(LATENT_MODES), cfg.latent_channels))
+        self.register_buffer("latent_std", torch.ones(len(LATENT_MODES), cfg.latent_channels))
 
     # -- layout checks -------------------------------------------------------------------------
     def _to_conv_layout(self, x):
@@ -200,34 +211,27 @@ class CausalVAE(nn.Module):
         mean, logvar = h.chunk(2, dim=-1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, x, normalize=True, sample=False, generator=None):
-        """Latent (B, T', H', W', C): the posterior mean (or a sample), normalized by default."""
+    def encode(self, x, mode=None, sample=False, generator=None):
+        """Latent (B, T', H', W', C): the posterior mean (or a sample) of a video or image, raw, or
+        normalized with `mode`'s statistics ("video" or "image"). How each mode encodes a clip
+        is `walt.data.modes.latents_for`'s to decide, not this method's."""
         mean, logvar = self.encode_dist(x)
         z = mean
         if sample:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + (0.5 * logvar).exp() * eps
-        return (z - self.latent_mean) / self.latent_std if normalize else z
-
-    def encode_frames(self, video, normalize=True):
-        """Each frame of (B, T, 3, H, W) encoded as its own image -> (B, T, H', W', C).
-
-        This is how I-WALT sees a clip: no information crosses frames, not even in the
-        autoencoder.
-        """
-        B, T = video.shape[:2]
-        z = self.encode(video.reshape(B * T, *video.shape[2:]), normalize=normalize)
-        return z.reshape(B, T, *z.shape[2:])
+        return z if mode is None else (z - self.latent_mean[_mode_row(mode)]) / self.latent_std[_mode_row(mode)]
 
     # -- decoding ------------------------------------------------------------------------------
-    def decode(self, z, normalized=True):
-        """(B, T', H', W', C) latent -> (B, T, 3, H, W) video."""
+    def decode(self, z, mode=None):
+        """(B, T', H', W', C) latent -> (B, T, 3, H, W) video; `mode` names the statistics a
+        normalized latent was made with (None: z is raw)."""
         if z.dim() != 5 or z.shape[-1] != self.cfg.latent_channels:
             raise ValueError(
                 f"latent must be (B, T', H', W', {self.cfg.latent_channels}) channels-last, got shape {tuple(z.shape)}"
             )
-        if normalized:
-            z = z * self.latent_std + self.latent_mean
+        if mode is not None:
+            z = z * self.latent_std[_mode_row(mode)] + self.latent_mean[_mode_row(mode)]
         return self.decoder(z.permute(0, 4, 1, 2, 3)).transpose(1, 2)
 
     def forward(self, x, generator=None):
@@ -235,12 +239,12 @@ class CausalVAE(nn.Module):
         mean, logvar = self.encode_dist(x)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + (0.5 * logvar).exp() * eps
-        return self.decode(z, normalized=False), mean, logvar
+        return self.decode(z), mean, logvar
 
     @torch.no_grad()
-    def set_latent_stats(self, mean, std):
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std.clamp_min(1e-6))
+    def set_latent_stats(self, mode, mean, std):
+        self.latent_mean[_mode_row(mode)] = mean
+        self.latent_std[_mode_row(mode)] = std.clamp_min(1e-6)
 
 
 def kl_loss(mean, logvar):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from walt.ops.reference import window_attention_sdpa
+from walt.ops.unfused import window_attention_sdpa
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TransformerConfig:
     lora_rank: int = 2
     num_classes: int = 0  # 0: unconditional; otherwise an extra "null" label is added
     mode: str = "video"  # "video" (V-WALT) or "image" (I-WALT)
-    attention_backend: str = "reference"  # "fused" (walt.ops) or "reference" (partition + SDPA)
+    attention_backend: str = "fused"  # "fused" (walt.ops.window_attention) or "torch" (partition + SDPA)
     qk_norm: bool = True
 
 
@@ -43,9 +43,9 @@ def window_attention(q, k, v, window, rel_pos_bias, backend):
         from walt.ops import window_attention as fused  # imported late: only the fused path needs walt._C ops
 
         return fused(q, k, v, window, rel_pos_bias=rel_pos_bias)
-    if backend == "reference":
+    if backend == "torch":
         return window_attention_sdpa(q, k, v, window, rel_pos_bias=rel_pos_bias)
-    raise ValueError(f"attention_backend must be 'fused' or 'reference', got {backend!r}")
+    raise ValueError(f"model.attention_backend must be 'fused' or 'torch', got {backend!r}")
 
 
 def modulate(x, shift, scale):
@@ -140,6 +140,14 @@ class WALT(nn.Module):
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final_proj = nn.Linear(d, p * p * c)
         self._init_weights()
+
+    @classmethod
+    def from_seed(cls, cfg: TransformerConfig, seed: int):
+        """A freshly initialized WALT whose weights depend only on (cfg, seed): a run's initial
+        weights, and so the untrained control of the feature dumps."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(cfg)
 
     def _init_weights(self):
         for m in self.modules():

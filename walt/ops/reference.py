@@ -1,15 +1,13 @@
 """Pure-PyTorch definitions of what walt's fused ops compute.
 
 These are the oracles the kernels are tested against (run them in float64) and the readable
-specification of the ops' semantics. They favour clarity over speed. `window_attention_sdpa` is
-different: it is the fast unfused path a user would otherwise write (pad, partition,
-scaled_dot_product_attention, reverse) and serves as the benchmark baseline and the model's
-pure-PyTorch fallback.
+specification of the ops' semantics. They favour clarity over speed. The fast unfused paths a
+user would otherwise write (the `torch` backend and the benchmarks' baseline) are in
+`walt.ops.unfused`.
 """
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def clamp_window(window, size):
@@ -58,41 +56,6 @@ def _bias_for_window(rel_pos_bias, window, extent):
     ).reshape(-1, 3)
     rel = coords[:, None, :] - coords[None, :, :] + torch.tensor(window, device=rel_pos_bias.device) - 1
     return rel_pos_bias[:, rel[..., 0], rel[..., 1], rel[..., 2]]
-
-
-def window_attention_sdpa(q, k, v, window, scale=None, rel_pos_bias=None):
-    """The unfused path: pad to whole windows, partition, SDPA, reverse, crop.
-
-    Same semantics as `window_attention_reference`; padded keys are masked out. This is what a
-    user would write without walt's kernel, so it is the benchmark baseline.
-    """
-    B, T, H, W, heads, d = q.shape
-    wt, wh, ww = clamp_window(window, (T, H, W))
-    pt, ph, pw = (-T) % wt, (-H) % wh, (-W) % ww
-    nt, nh, nw = (T + pt) // wt, (H + ph) // wh, (W + pw) // ww
-    n = wt * wh * ww
-
-    def partition(x):
-        if pt or ph or pw:
-            x = F.pad(x, (0, 0, 0, 0, 0, pw, 0, ph, 0, pt))
-        x = x.reshape(B, nt, wt, nh, wh, nw, ww, heads, d)
-        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)  # B, nt, nh, nw, heads, wt, wh, ww, d
-        return x.reshape(B * nt * nh * nw, heads, n, d)
-
-    mask = None
-    if rel_pos_bias is not None:
-        mask = _bias_for_window(rel_pos_bias, window, (wt, wh, ww)).to(q.dtype)[None]  # 1, heads, n, n
-    if pt or ph or pw:
-        valid = torch.ones(T + pt, H + ph, W + pw, dtype=torch.bool, device=q.device)
-        valid[T:], valid[:, H:], valid[:, :, W:] = False, False, False
-        valid = valid.reshape(nt, wt, nh, wh, nw, ww).permute(0, 2, 4, 1, 3, 5).reshape(1, nt * nh * nw, 1, 1, n)
-        neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, float("-inf"))
-        neg = neg.expand(B, -1, -1, -1, -1).reshape(B * nt * nh * nw, 1, 1, n)
-        mask = neg if mask is None else mask + neg
-    o = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=mask, scale=scale)
-    o = o.reshape(B, nt, nh, nw, heads, wt, wh, ww, d).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
-    o = o.reshape(B, nt * wt, nh * wh, nw * ww, heads, d)
-    return o[:, :T, :H, :W].contiguous()
 
 
 def add_noise_reference(x0, t, alphas_cumprod, noise, target="v"):

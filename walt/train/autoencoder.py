@@ -7,7 +7,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from walt.models.autoencoder import CausalVAE, PatchDiscriminator3D, kl_loss
 from walt.train import distributed
-from walt.train.data import build_dataset, collate
+from walt.data.dataset import build_dataset
+from walt.data.modes import MODES, frames_as_images
+from walt.train.data import collate
 
 log = logging.getLogger("walt.train")
 
@@ -74,27 +76,31 @@ class AutoencoderTask:
 
     @torch.no_grad()
     def finish(self, model, ema, step, out_dir):
-        """Per-channel mean/std of the posterior means over (a share of) the training data."""
+        """Per-channel mean/std of the posterior means over (a share of) the training data, for each
+        mode as `latents_for` encodes it: clip latents (V-WALT) and single-frame latents (I-WALT)."""
         n_batches, B = self.cfg.ae_loss.stats_batches, self.cfg.train.batch_size // self.dist.world
         C = self.cfg.autoencoder.latent_channels
-        acc = torch.zeros(3, C, dtype=torch.float64, device=self.dist.device)
+        acc = torch.zeros(len(MODES), 3, C, dtype=torch.float64, device=self.dist.device)
         model.eval()
         n = len(self.dataset)
         for b in range(n_batches):
             first = (b * self.dist.world + self.dist.rank) * B
-            idx = [(first + i) % n for i in range(B)]
-            video = collate([self.dataset[i] for i in idx]).to(self.dist.device)
-            z = model.encode(video, normalize=False).reshape(-1, C).double()
-            acc += torch.stack([torch.full((C,), float(z.shape[0]), device=z.device, dtype=torch.float64), z.sum(0), z.square().sum(0)])
+            video = collate([self.dataset[(first + i) % n] for i in range(B)]).to(self.dist.device)
+            for m, mode in enumerate(MODES):
+                x = video if mode == "video" else frames_as_images(video)
+                z = model.encode(x).reshape(-1, C).double()  # raw (unnormalized) posterior means
+                acc[m] += torch.stack([torch.full_like(z[0], z.shape[0]), z.sum(0), z.square().sum(0)])
         model.train()
-        count, s1, s2 = distributed.all_reduce_sum(acc)
-        mean = s1 / count
-        std = (s2 / count - mean.square()).clamp_min(0).sqrt()
-        for m in (model, ema):
-            if m is not None:
-                m.set_latent_stats(mean.float(), std.float())
-        log.info("latent statistics over %d latents: mean %s std %s", int(count[0]),
-                 [round(x, 3) for x in mean.tolist()], [round(x, 3) for x in std.tolist()])
+        acc = distributed.all_reduce_sum(acc)
+        for m, mode in enumerate(MODES):
+            count, s1, s2 = acc[m]
+            mean = s1 / count
+            std = (s2 / count - mean.square()).clamp_min(0).sqrt()
+            for net in (model, ema):
+                if net is not None:
+                    net.set_latent_stats(mode, mean.float(), std.float())
+            log.info("%s latent statistics over %d latents: mean %s std %s", mode, int(count[0]),
+                     [round(x, 3) for x in mean.tolist()], [round(x, 3) for x in std.tolist()])
 
 
 def make_task(cfg, dist):

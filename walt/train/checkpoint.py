@@ -68,39 +68,3 @@ def load_weights(module, path):
         detail = str(e).strip().splitlines()[1:2] or [str(e)]
         raise ValueError(f"{path} does not match the configured {type(module).__name__} ({detail[0].strip()[:200]})") from None
     return module
-
-
-def autoencoder_config(run_dir):
-    """The AutoencoderConfig an autoencoder run directory was trained with."""
-    from walt.config import from_yaml_file
-
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{run_dir} is not a walt run directory (no config.yaml); train one with `walt-train autoencoder`")
-    cfg = from_yaml_file(cfg_path)
-    if cfg.stage != "autoencoder":
-        raise ValueError(f"{run_dir} holds a {cfg.stage!r} run, expected an autoencoder run")
-    return cfg.autoencoder
-
-
-def load_autoencoder(run_dir, device="cpu"):
-    """The trained autoencoder (with its latent statistics) of an autoencoder run directory."""
-    from walt.models.autoencoder import CausalVAE
-
-    vae = CausalVAE(autoencoder_config(run_dir))
-    return load_weights(vae, os.path.join(run_dir, "model.safetensors")).to(device).eval().requires_grad_(False)
-
-
-def load_transformer(run_dir, ema=True, device="cpu", attention_backend=None):
-    """The trained WALT of a diffusion run directory (EMA weights by default) and its run config."""
-    import dataclasses
-
-    from walt.config import from_yaml_file
-    from walt.models.transformer import WALT
-
-    cfg = from_yaml_file(os.path.join(run_dir, "config.yaml"))
-    if cfg.stage != "diffusion":
-        raise ValueError(f"{run_dir} holds a {cfg.stage!r} run, expected a diffusion run")
-    mcfg = cfg.model if attention_backend is None else dataclasses.replace(cfg.model, attention_backend=attention_backend)
-    name = "ema.safetensors" if ema and os.path.exists(os.path.join(run_dir, "ema.safetensors")) else "model.safetensors"
-    return load_weights(WALT(mcfg), os.path.join(run_dir, name)).to(device).eval().requires_grad_(False), cfg

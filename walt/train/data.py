@@ -1,87 +1,16 @@
-"""The dataset protocol of the trainers and the step-indexed batch order.
+"""The trainers' step-indexed batch order and collation.
 
 A training dataset is any map-style dataset whose items are clips: a dict with "video"
-(T, 3, H, W) float32 in [-1, 1], that tensor itself, or a tuple led by it. A procedural-world
-store (`walt-data generate`) is `data.kind: world` with `data.path` (and `data.kwargs.split`);
-any other dataset plugs in through `data.kind: factory` ("module:callable"); the synthetic
-moving shapes and a tensor file of clips need nothing else.
+(T, 3, H, W) float32 in [-1, 1], that tensor itself, or a tuple led by it
+(`walt.data.dataset.build_dataset` makes one from a run's DataConfig).
 
 The order of examples is a pure function of (seed, step): a resumed run, and any number of
 ranks sharing one global batch, read exactly the examples an uninterrupted single-process run
 would.
 """
-import importlib
-
 import torch
 
-from walt.train.synthetic import MovingShapes
-
-
-def build_dataset(cfg):
-    """The clip dataset named by a DataConfig."""
-    if cfg.kind == "moving_shapes":
-        return MovingShapes(cfg.num_clips, cfg.frames, cfg.size, **cfg.kwargs)
-    if cfg.kind == "tensor":
-        return TensorClips(cfg.path)
-    if cfg.kind == "world":  # a procedural-world store written by `walt-data generate`
-        from walt.data import ClipDataset, WorldStore
-
-        return ClipDataset(WorldStore(cfg.path, **cfg.kwargs))
-    if cfg.kind == "factory":
-        module, _, name = cfg.factory.partition(":")
-        if not module or not name:
-            raise ValueError(f"data.factory must be 'module:callable', got {cfg.factory!r}")
-        return getattr(importlib.import_module(module), name)(**cfg.kwargs)
-    raise ValueError(f"data.kind must be 'moving_shapes', 'world', 'tensor' or 'factory', got {cfg.kind!r}")
-
-
-class TensorClips(torch.utils.data.Dataset):
-    """Clips stored as one (N, T, 3, H, W) tensor under the key "video" (.safetensors or .pt)."""
-
-    def __init__(self, path):
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            self.videos = load_file(path)["video"]
-        else:
-            obj = torch.load(path, weights_only=True)
-            self.videos = obj["video"] if isinstance(obj, dict) else obj
-        if self.videos.dim() != 5 or self.videos.shape[2] != 3:
-            raise ValueError(f"{path}: 'video' must be (N, T, 3, H, W), got shape {tuple(self.videos.shape)}")
-
-    def __len__(self):
-        return len(self.videos)
-
-    def __getitem__(self, i):
-        return {"video": self.videos[i].float()}
-
-
-def clip_of(item):
-    """The (T, 3, H, W) clip of a dataset item: a dict with "video", a tensor, or a tuple led by one
-    (torch's TensorDataset)."""
-    video = item["video"] if isinstance(item, dict) else item[0] if isinstance(item, (tuple, list)) else item
-    if not torch.is_tensor(video) or video.dim() != 4 or video.shape[1] != 3:
-        shape = tuple(video.shape) if torch.is_tensor(video) else type(video).__name__
-        raise ValueError(f"a dataset item must be a clip (T, 3, H, W) or a dict with 'video' of that shape, got {shape}")
-    return video
-
-
-class FrameDataset(torch.utils.data.Dataset):
-    """Single frames of a clip dataset, each a 1-frame clip: I-WALT's training examples.
-
-    Index j is frame j % T of clip j // T, so a shuffled order samples frames independently
-    from the same videos V-WALT trains on.
-    """
-
-    def __init__(self, clips, frames_per_clip):
-        self.clips, self.frames = clips, frames_per_clip
-
-    def __len__(self):
-        return len(self.clips) * self.frames
-
-    def __getitem__(self, j):
-        video = clip_of(self.clips[j // self.frames])
-        return {"video": video[j % self.frames : j % self.frames + 1]}
+from walt.data.dataset import clip_of
 
 
 def collate(items):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from walt.config import RESUMABLE_CHANGES, diff, to_dict, to_yaml
 from walt.diffusion.objective import mix_seed
+from walt.runs import autoencoder_config
 from walt.train import checkpoint as ckpt
 from walt.train import distributed
 from walt.train.data import StepBatches, collate
@@ -94,6 +95,21 @@ def ema_update(ema, model, decay):
         e.copy_(b)
 
 
+def snapshot_steps(keep_every, total):
+    """The steps `train.keep_every` names: floats are fractions of `total`, integers steps."""
+    steps = set()
+    for k in keep_every:
+        if isinstance(k, float):
+            if not 0 < k <= 1:
+                raise ValueError(f"train.keep_every fractions must be in (0, 1], got {k}")
+            steps.add(max(1, round(k * total)))
+        elif not 0 < k <= total:
+            raise ValueError(f"train.keep_every steps must be in [1, train.steps={total}], got {k}")
+        else:
+            steps.add(int(k))
+    return steps
+
+
 def _stop(stage, what, value, step, ckpt_path, last_saved):
     where = f"{ckpt_path} (step {last_saved})" if last_saved is not None else "none was written yet"
     raise NonFiniteLoss(
@@ -110,7 +126,7 @@ def train(cfg, make_task, resume=False, stop_after=None):
     """
     if cfg.stage == "diffusion" and cfg.autoencoder_run:
         # Record the autoencoder actually used, not the preset's, in the run's config.
-        cfg = dataclasses.replace(cfg, autoencoder=ckpt.autoencoder_config(cfg.autoencoder_run))
+        cfg = dataclasses.replace(cfg, autoencoder=autoencoder_config(cfg.autoencoder_run))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     dist = distributed.setup(cfg.train.device)
@@ -181,10 +197,12 @@ def _train(cfg, make_task, dist, resume, stop_after):
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s stage: %.2fM parameters, %d steps, global batch %d on %d x %s", cfg.stage, n_params / 1e6, tc.steps,
              tc.batch_size, dist.world, device)
-    if tc.grad_accum < 1 or tc.batch_size % (dist.world * tc.grad_accum):
+    batch_size = getattr(task, "batch_size", tc.batch_size)  # examples per step (I-WALT: frames)
+    if tc.grad_accum < 1 or batch_size % (dist.world * tc.grad_accum):
         raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by processes x train.grad_accum "
                          f"({dist.world} x {tc.grad_accum})")
-    sampler = StepBatches(len(task.dataset), tc.batch_size, tc.seed, start, dist.rank, dist.world)
+    sampler = StepBatches(len(task.dataset), batch_size, tc.seed, start, dist.rank, dist.world)
+    keep = snapshot_steps(tc.keep_every, tc.steps) if ema is not None else set()
     loader = torch.utils.data.DataLoader(
         task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
@@ -247,12 +265,17 @@ def _train(cfg, make_task, dist, resume, stop_after):
             logs.update(task.after_step(batch, step) or {})
             step += 1
             bar.update(1)
-            window_tokens += task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
+            step_tokens = task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
+            window_tokens += step_tokens
+            if step in keep and dist.main:  # EMA snapshots for the training-budget sweep
+                os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
+                ckpt.export_safetensors(os.path.join(out, "snapshots", f"step-{step:06d}.safetensors"), ema,
+                                        {"config": to_yaml(cfg), "step": str(step)})
             if step % tc.log_every == 0 or step == end:
                 mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / dist.world
                 dt = time.perf_counter() - window_t
                 rec = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_s": window_tokens / dt, **{k: float(v) for k, v in logs.items()}}
+                       "tokens_per_step": step_tokens, "tokens_per_s": window_tokens / dt, **{k: float(v) for k, v in logs.items()}}
                 window_t, window_tokens = time.perf_counter(), 0
                 if dist.main:
                     metrics.write(json.dumps(rec) + "\n")
