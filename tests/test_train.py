@@ -415,3 +415,11 @@ def test_snapshots_are_kept_survive_a_kill_and_load_by_step(tmp_path, ae_run):
     untrained, _ = runs.load_transformer(frozen, weights=False)
     assert_bitwise_equal(untrained.state_dict(), weights(frozen))
     assert not torch.equal(untrained.state_dict()["blocks.0.attn.qkv.weight"], weights(full)["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))))
+def test_shipped_configs_train_on_the_world_on_fused_kernels(name):
+    cfg = resolve(yaml_files=[os.path.join(os.path.dirname(__file__), "..", "configs", name)])
+    assert cfg.data.kind == "world" and cfg.data.path
+    assert cfg.model.attention_backend == "fused" and cfg.diffusion.noise_backend == "fused"
+    assert cfg.train.match_tokens

@@ -35,9 +35,13 @@ from walt.data.transforms import normalize
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    def __init__(self, source, transform=None):
+    """A source's clips as dicts of tensors. `keys` limits what is read for sources whose `load`
+    takes them (a world store): training reads only "video", not depth, tracks and masks."""
+
+    def __init__(self, source, transform=None, keys=None):
         self.source = source
         self.transform = transform
+        self.keys = keys
 
     @property
     def label_names(self) -> dict[str, tuple]:
@@ -47,7 +51,7 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        raw = self.source.load(index)
+        raw = self.source.load(index) if self.keys is None else self.source.load(index, keys=self.keys)
         sample = {}
         for key, value in raw.items():
             if key == "labels":
@@ -143,7 +147,7 @@ def build_dataset(cfg, split: str = "train"):
     if cfg.kind == "world":
         from walt.data.store import WorldStore
 
-        return ClipDataset(WorldStore(cfg.path, **{"split": split, **cfg.kwargs}))
+        return ClipDataset(WorldStore(cfg.path, **{"split": split, **cfg.kwargs}), keys=("video",))
     if cfg.kind == "factory":
         module, _, name = cfg.factory.partition(":")
         if not module or not name:

@@ -158,14 +158,15 @@ class WorldStore:
                 raise OSError(f"{path}: cannot open shard listed in manifest.json ({e}).") from None
         return self._files[name]
 
-    def load(self, index: int) -> dict[str, np.ndarray]:
+    def load(self, index: int, keys=None) -> dict[str, np.ndarray]:
+        """Clip `index` as rendered; `keys` limits which arrays are read (all by default)."""
         if not 0 <= index < len(self):
             raise IndexError(f"clip {index} out of range for split {self.split!r} of size {len(self)}.")
         s = int(np.searchsorted(self._starts, index, side="right") - 1)
         name, (first, _) = self._shards[s]
         f = self._file(name)
         try:
-            return {key: f[key][index - first] for key in f.keys()}
+            return {key: f[key][index - first] for key in (f.keys() if keys is None else keys)}
         except (OSError, KeyError) as e:
             raise OSError(f"{os.path.join(self.root, name)}: clip {index} could not be read ({e}).") from None
 
