@@ -78,7 +78,7 @@ print(
 )
 
 setup(
-    packages=find_packages(include=["walt", "walt.*"]),
+    packages=find_packages(include=["walt", "walt.*", "probes", "probes.*"]),
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
