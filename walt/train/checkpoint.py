@@ -8,6 +8,7 @@ stored, so it loads with torch.load(weights_only=True).
 import json
 import os
 import random
+import zipfile
 
 import numpy as np
 import torch
@@ -41,13 +42,45 @@ def save(path, state):
     os.replace(tmp, path)
 
 
+# What every training checkpoint holds (see the module docstring).
+CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "scheduler", "extra", "rng")
+
+
 def load(path, map_location="cpu"):
+    """A training checkpoint; ValueError (one sentence saying what is wrong with the file) otherwise."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; run without --resume to start a new run")
+    what = f"checkpoint {path} could not be read as a walt training checkpoint"
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{what}: the file is empty (a copy or write that never finished)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at the end
+        raise ValueError(f"{what}: it is not a complete torch.save archive ({size:,} bytes; truncated, or another kind of file)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"checkpoint {path} could not be read as a walt training checkpoint ({e})") from e
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # damaged inside, or holding objects other than tensors and plain containers
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{what}: it holds Python objects besides tensors and plain containers, which are not "
+                             f"unpickled (not a file written by walt-train)") from None
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "") or type(e).__name__
+        raise ValueError(f"{what}: the archive is damaged ({first[:200]})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise ValueError(f"{what}: it lacks {missing} (not a file written by walt-train)")
+    return state
+
+
+def _umask():
+    try:  # Linux >= 4.7 reports it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def export_safetensors(path, module, metadata=None):
@@ -56,6 +89,7 @@ def export_safetensors(path, module, metadata=None):
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tmp = f"{path}.tmp.{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files 0600; give them the mode of every other output
     os.replace(tmp, path)
 
 
