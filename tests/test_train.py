@@ -484,3 +484,42 @@ def test_exported_weights_have_the_mode_of_every_other_output(tmp_path, ae_run):
     out = run("diffusion", tiny_sets(tmp_path, ae_run, steps=1))
     mode = lambda name: os.stat(os.path.join(out, name)).st_mode & 0o777  # noqa: E731
     assert mode("model.safetensors") == mode("ema.safetensors") == mode("config.yaml") == mode("checkpoint.pt")
+
+
+_WRITE_LIMITED = """
+import resource, sys
+if __name__ == "__main__":
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a write past `limit` bytes fails (EFBIG)
+    from walt.cli.train import main
+    main(sys.argv[2:], prog_name="walt-train")
+"""
+
+
+def test_a_write_error_ends_in_one_sentence_and_keeps_what_was_written(tmp_path):
+    """A full disk, simulated with a file-size limit the checkpoint exceeds."""
+    import subprocess
+    import sys
+
+    import walt
+
+    root = os.path.dirname(os.path.dirname(walt.__file__))
+    script = tmp_path / "limited.py"
+    script.write_text(_WRITE_LIMITED)
+    out = tmp_path / "ae"
+    args = ["autoencoder", "--out", str(out)]
+    for s in tiny_sets(out, steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8, "train.ckpt_every": 1}):
+        if not s.startswith("out_dir="):
+            args += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, str(script), "20000", *args], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write {out / 'checkpoint.pt'}: File too large; files written before are kept: free space "
+        "(or fix the file system) and rerun without --resume")
+    assert not [n for n in os.listdir(out) if ".tmp" in n] and (out / "config.yaml").exists()
+    res = subprocess.run([sys.executable, "-m", "walt.cli.train", *args], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model.safetensors").exists()

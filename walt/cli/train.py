@@ -12,6 +12,7 @@ Exit status: 0 done (or stopped by --stop-after), 1 an error (one sentence), 2 a
 or config, or a non-finite loss, 3 interrupted by SIGTERM/SIGUSR1 after writing a checkpoint:
 rerun the same command with --resume.
 """
+import errno
 import logging
 import os
 import sys
@@ -20,6 +21,10 @@ import click
 import torch
 
 from walt.config import ConfigError, resolve, to_yaml
+
+
+# Errors of a full disk or a read-only file system, whichever file they hit.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT}
 
 
 def _count(cfg):
@@ -78,6 +83,7 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
         click.echo(f"# preset {cfg.preset}: WALT ({cfg.model.mode}) {n_walt:,} parameters ({n_walt / 1e6:.1f}M); "
                    f"autoencoder {n_vae:,} parameters ({n_vae / 1e6:.1f}M)")
         return
+    from walt.train.checkpoint import WriteError
     from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, train
 
     if cfg.stage == "autoencoder":
@@ -95,6 +101,13 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
         sys.exit(EXIT_INTERRUPTED)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full or read-only disk: one sentence, and how to continue
+        if not isinstance(e, WriteError) and e.errno not in _WRITE_ERRNOS:
+            raise
+        what = str(e) if isinstance(e, WriteError) else f"cannot write to {cfg.out_dir}: {e.strerror}"
+        again = "with --resume" if os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")) else "without --resume"
+        raise click.ClickException(f"{what}; files written before are kept: free space (or fix the file system) and "
+                                   f"rerun {again}") from None
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: {out}")
 
