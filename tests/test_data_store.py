@@ -368,3 +368,14 @@ def test_killing_generate_kills_its_workers(tmp_path):
                 os.kill(k, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_manifest_with_nothing_finished_gives_way_to_a_corrected_command(tmp_path):
+    """Older versions wrote a bad command's config before failing; with no shard finished, the
+    corrected command takes the directory over instead of being refused as a different config."""
+    out = str(tmp_path)
+    manifest = {"format": "walt-world/1", "config": {"seed": 0, "frames": 5, "height": 30, "width": 30},
+                "shard_size": 0, "label_names": {}, "splits": {"train": {"size": -5, "shards": {}}}}
+    json.dump(manifest, open(os.path.join(out, "manifest.json"), "w"))
+    generate(out, SMALL, {"train": 2}, shard_size=2, workers=1, progress=False)
+    assert read_manifest(out)["config"]["height"] == 24 and len(WorldStore(out, "train")) == 2
