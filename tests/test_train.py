@@ -478,6 +478,8 @@ def test_bad_options_and_data_paths_leave_the_output_directory_untouched(tmp_pat
     res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--set", "data.kind=world",
                                    "--set", f"data.path={tmp_path / 'nothing'}"])
     assert res.exit_code == 1 and "manifest.json not found" in res.output and not out.exists()
+    res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--resume"])
+    assert res.exit_code == 1 and "holds no checkpoint.pt; run without --resume" in res.output and not out.exists()
 
 
 def test_exported_weights_have_the_mode_of_every_other_output(tmp_path, ae_run):

@@ -95,6 +95,8 @@ def _describe(differences):
 def _check_run_dir(cfg, out, resume):
     """The checks on an existing run directory (read-only, so every rank can make them)."""
     ckpt_path, cfg_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "config.yaml")
+    if resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"cannot resume {out}: it holds no checkpoint.pt; run without --resume to start a new run")
     if resume and os.path.exists(cfg_path):
         with open(cfg_path) as f:
             try:
