@@ -28,7 +28,7 @@ if ! $PYTHON -c "import cutlass_library" 2> /dev/null; then
 fi
 
 status=0
-$PYTHON -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+WALT_FORCE_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 $PYTHON -m walt.info | tee -a "$out/environment.txt"
 $PYTHON -m pytest -q -m cuda -rs tests/test_cuda.py 2>&1 | tee "$out/tests.txt" || status=1
 

@@ -169,6 +169,27 @@ def test_fallback_takes_any_head_size_and_float64():
             assert err(g.cpu(), r) <= tol * max(r.abs().max().item(), 1.0), (dtype, name)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("shape", [(0, 2, 2, 2, 2, 32), (1, 0, 2, 2, 2, 32), (1, 2, 2, 0, 2, 32), (1, 2, 2, 2, 0, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_empty_inputs_give_empty_results_in_a_fresh_process(shape, dtype):
+    """Like the CPU test: in a subprocess, so a crash in a kernel launch fails one case only."""
+    code = (
+        "import sys, torch, walt\n"
+        f"q, k, v = (torch.randn({shape}, device='cuda', dtype={dtype}, requires_grad=True) for _ in range(3))\n"
+        f"bias = torch.randn({shape[4]}, 3, 3, 3, device='cuda', requires_grad=True)\n"
+        "out = walt.ops.window_attention(q, k, v, (2, 2, 2), rel_pos_bias=bias)\n"
+        "out.sum().backward()\n"
+        "torch.cuda.synchronize()\n"
+        "assert out.shape == q.grad.shape == q.shape and torch.equal(bias.grad, torch.zeros_like(bias))\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(walt.__file__))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
 def test_unsupported_cuda_inputs_raise_clear_errors():
     q, k, v = qkv((1, 2, 4, 4, 2, 48), torch.bfloat16)
     with pytest.raises(RuntimeError, match="head sizes d of 32, 64, 96 or 128"):

@@ -1,6 +1,7 @@
 """Generated datasets on disk, the dataset protocol, transforms and the walt-data CLI."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -172,3 +173,209 @@ def test_cli_generate_info_and_sheet(tmp_path):
     assert im.width == 5 * 16 * 3 and im.height > 2 * 2 * 16 * 3
     r = runner.invoke(cli, ["generate", "--out", out, *args[:-2], "--seed", "9"])
     assert r.exit_code != 0 and "different config" in r.output
+
+
+# --- bad arguments, write errors, damaged shards, killed runs ---------------------------------------
+
+GOOD = ["--train", "2", "--val", "1", "--test", "0", "--size", "16", "--frames", "5", "--track-points", "4",
+        "--textures", "procedural", "--workers", "1", "--shard-size", "2"]
+
+
+def _with(args, option, value):
+    args = list(args)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    return args
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--train", "-5", r"Invalid value for '--train': -5 is not in the range x>=0"),
+    ("--size", "0", r"Invalid value for '--size': 0 is not in the range x>=8"),
+    ("--size", "-32", r"Invalid value for '--size'"),
+    ("--size", "30", r"frame size must be a multiple of 8 pixels .* got 30x30"),
+    ("--frames", "0", r"Invalid value for '--frames'"),
+    ("--frames", "6", r"frames must be 1 \+ a multiple of 4 .* got 6"),
+    ("--track-points", "-4", r"Invalid value for '--track-points'"),
+    ("--shard-size", "0", r"Invalid value for '--shard-size'"),
+    ("--shard-size", "-3", r"Invalid value for '--shard-size'"),
+    ("--workers", "-1", r"Invalid value for '--workers'"),
+    ("--seed", "-1", r"Invalid value for '--seed'"),
+    ("--train", "2.5", r"Invalid value for '--train'"),
+])
+def test_bad_generate_arguments_are_refused_before_anything_is_written(tmp_path, option, value, message):
+    out = str(tmp_path / "ds")
+    for dry in ([], ["--dry-run"]):
+        r = CliRunner().invoke(cli, ["generate", "--out", out, *_with(GOOD, option, value), *dry])
+        assert r.exit_code == 2 and re.search(message, r.output), r.output
+        assert "Traceback" not in r.output and not os.path.exists(out)
+    r = CliRunner().invoke(cli, ["generate", "--out", out, *GOOD])  # the corrected command is not refused
+    assert r.exit_code == 0, r.output
+
+
+def test_library_generate_validates_before_writing(tmp_path):
+    out = str(tmp_path / "ds")
+    bad = [(SMALL, {"train": -5}, 2, r"the size of split 'train' must be an integer >= 0, got -5"),
+           (SMALL, {"train": 2}, 0, r"shard_size \(clips per shard\) must be an integer >= 1, got 0"),
+           (WorldConfig(frames=5, height=30, width=32, textures="procedural"), {"train": 2}, 2, "multiple of 8"),
+           (WorldConfig(frames=5, height=16, width=16, track_points=-4, textures="procedural"), {"train": 2}, 2,
+            "track_points must be an integer >= 1, got -4")]
+    for cfg, sizes, shard_size, message in bad:
+        with pytest.raises(ValueError, match=message):
+            generate(out, cfg, sizes, shard_size=shard_size, workers=1, progress=False)
+        assert not os.path.exists(out)
+
+
+_WRITE_LIMITED = """
+import resource, sys
+if __name__ == "__main__":
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a write past `limit` bytes fails (EFBIG)
+    from walt.cli.data import main
+    main(sys.argv[2:], prog_name="walt-data")
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "1", "2"])
+def test_a_write_error_ends_in_one_sentence_and_a_rerun_continues(tmp_path, workers):
+    """A full disk, simulated with a file-size limit: shards over the limit cannot be written. Before,
+    HDF5 crashed the process (exit 139) with 0 or 1 workers."""
+    import subprocess
+    import sys
+
+    import walt
+
+    root = os.path.dirname(os.path.dirname(walt.__file__))
+    script = tmp_path / "limited.py"
+    script.write_text(_WRITE_LIMITED)
+    out = str(tmp_path / "ds")
+    args = ["generate", "--out", out, "--train", "6", "--val", "0", "--test", "0", "--size", "32", "--frames", "5",
+            "--track-points", "4", "--textures", "procedural", "--shard-size", "1", "--workers", workers]
+    one_clip = len(_shard(SMALL_32, 0))
+    res = subprocess.run([sys.executable, str(script), str(int(one_clip * 0.8)), *args], cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert re.search(r"^Error: cannot write .*/ds/train-0000\d\.h5: File too large; .* rerun the same command", lines[0])
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    read_manifest(out)  # still valid JSON with its format
+    res = subprocess.run([sys.executable, "-m", "walt.cli.data", *args], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(WorldStore(out, "train")) == 6
+
+
+SMALL_32 = WorldConfig(seed=0, frames=5, height=32, width=32, track_points=4, textures="procedural")
+
+
+def _shard(cfg, first):
+    from dataclasses import asdict
+
+    from walt.data.store import _shard_bytes
+
+    return _shard_bytes(asdict(cfg), "train", first, 1)
+
+
+def test_a_rerun_regenerates_damaged_shards(tmp_path):
+    out = str(tmp_path)
+    generate(out, SMALL, {"train": 5}, shard_size=2, workers=1, progress=False)
+    sums = read_manifest(out)["splits"]["train"]["checksums"]
+    assert sorted(sums) == ["train-00000.h5", "train-00001.h5", "train-00002.h5"]
+    path0, path1 = os.path.join(out, "train-00000.h5"), os.path.join(out, "train-00001.h5")
+    assert sums["train-00000.h5"]["bytes"] == os.path.getsize(path0)
+    with open(path0, "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(path0) // 2)
+    data = bytearray(open(path1, "rb").read())  # same size, one byte flipped in the last chunk
+    data[-100] ^= 0xFF
+    open(path1, "wb").write(data)
+    untouched = os.stat(os.path.join(out, "train-00002.h5")).st_mtime_ns
+    generate(out, SMALL, {"train": 5}, shard_size=2, workers=1, progress=False)
+    assert os.stat(os.path.join(out, "train-00002.h5")).st_mtime_ns == untouched
+    store = WorldStore(out, "train")
+    for i in range(4):
+        np.testing.assert_array_equal(store.load(i)["video"], render_clip(SMALL, "train", i)["video"])
+
+
+def test_a_manifest_without_checksums_still_finds_a_truncated_shard(tmp_path):
+    out = str(tmp_path)
+    generate(out, SMALL, {"train": 4}, shard_size=2, workers=1, progress=False)
+    m = read_manifest(out)
+    m["splits"]["train"].pop("checksums", None)  # as older versions wrote it
+    json.dump(m, open(os.path.join(out, "manifest.json"), "w"))
+    path = os.path.join(out, "train-00001.h5")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 2000)
+    kept = os.stat(os.path.join(out, "train-00000.h5")).st_mtime_ns
+    generate(out, SMALL, {"train": 4}, shard_size=2, workers=1, progress=False)
+    assert os.stat(os.path.join(out, "train-00000.h5")).st_mtime_ns == kept
+    np.testing.assert_array_equal(WorldStore(out, "train").load(3)["depth"], render_clip(SMALL, "train", 3)["depth"])
+
+
+def _children(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read() if entry.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_killing_generate_kills_its_workers(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import walt
+
+    root = os.path.dirname(os.path.dirname(walt.__file__))
+    out = str(tmp_path / "ds")
+    proc = subprocess.Popen([sys.executable, "-m", "walt.cli.data", "generate", "--out", out, "--train", "400", "--val", "0",
+                             "--test", "0", "--size", "32", "--frames", "9", "--track-points", "4", "--shard-size", "2",
+                             "--workers", "2", "--textures", "procedural"], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kids = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            kids = _children(proc.pid)
+            if len(kids) >= 3 and os.path.exists(os.path.join(out, "train-00000.h5")):  # 2 workers + resource tracker
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and len(kids) >= 3, kids
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_alive(k) for k in kids):
+            time.sleep(0.1)
+        assert not [k for k in kids if _alive(k)], "workers outlived their killed parent"
+    finally:
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_manifest_with_nothing_finished_gives_way_to_a_corrected_command(tmp_path):
+    """Older versions wrote a bad command's config before failing; with no shard finished, the
+    corrected command takes the directory over instead of being refused as a different config."""
+    out = str(tmp_path)
+    manifest = {"format": "walt-world/1", "config": {"seed": 0, "frames": 5, "height": 30, "width": 30},
+                "shard_size": 0, "label_names": {}, "splits": {"train": {"size": -5, "shards": {}}}}
+    json.dump(manifest, open(os.path.join(out, "manifest.json"), "w"))
+    generate(out, SMALL, {"train": 2}, shard_size=2, workers=1, progress=False)
+    assert read_manifest(out)["config"]["height"] == 24 and len(WorldStore(out, "train")) == 2

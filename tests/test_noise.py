@@ -352,3 +352,14 @@ def test_the_op_itself_checks_its_arguments(args, message):
     # the same mistakes reaching torch.ops.walt.add_noise directly, past the Python checks
     with pytest.raises(RuntimeError, match=message):
         torch.ops.walt.add_noise(*args)
+
+
+@pytest.mark.parametrize("bad, shown", [(1.5, r"values in \[.*, 1.5\]"), (-0.25, r"values in \[-0.25, .*\]"), (float("nan"), "NaN")])
+def test_alphas_cumprod_outside_zero_one_is_refused(bad, shown):
+    table = AC.clone()
+    table[500] = bad  # even a timestep that is not drawn: the table itself is wrong
+    message = r"alphas_cumprod must lie in \[0, 1\] \(a cumulative product of 1 - beta\), got " + shown
+    with pytest.raises(RuntimeError, match=message):
+        _call(alphas_cumprod=table)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.walt.add_noise(X, T2, table, 0, None, None, "v")

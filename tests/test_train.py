@@ -18,7 +18,7 @@ from walt import runs
 from walt.train import checkpoint
 from walt.data.dataset import FrameDataset
 from walt.train.data import StepBatches
-from walt.train.loop import NonFiniteLoss, lr_factor, train
+from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, RunInUse, lock_run_dir, lr_factor, train
 from walt.data.synthetic import MovingShapes
 
 TINY_AE = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, spatial_factor=4, temporal_factor=4, groups=8)
@@ -347,7 +347,8 @@ def test_sigterm_checkpoints_and_stops_then_resume_is_bit_exact(tmp_path, ae_run
     monkeypatch.setattr(Diffusion, "loss", preempted)
     part = tiny_sets(tmp_path / "part", ae_run)
     before = signal.getsignal(signal.SIGTERM)
-    run("diffusion", part)  # the step finishes, is checkpointed, and the run stops
+    with pytest.raises(Interrupted, match=r"interrupted by SIGTERM at step 4 of 6: .*checkpoint.pt is written; .*--resume"):
+        run("diffusion", part)  # the step finishes, is checkpointed, and the run stops
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not os.path.exists(tmp_path / "part" / "model.safetensors")
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
@@ -423,3 +424,177 @@ def test_shipped_configs_train_on_the_world_on_fused_kernels(name):
     assert cfg.data.kind == "world" and cfg.data.path
     assert cfg.model.attention_backend == "fused" and cfg.diffusion.noise_backend == "fused"
     assert cfg.train.match_tokens
+
+
+def test_sigterm_exits_with_status_3_and_says_how_to_resume(tmp_path, ae_run, monkeypatch):
+    import signal
+
+    real, calls = Diffusion.loss, []
+
+    def preempted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Diffusion, "loss", preempted)
+    args = [a for s in tiny_sets(tmp_path / "r", ae_run) if not s.startswith("out_dir=") for a in ("--set", s)]
+    res = CliRunner().invoke(cli, ["diffusion", *args, "--out", str(tmp_path / "r")])
+    assert EXIT_INTERRUPTED == 3 and res.exit_code == 3, res.output
+    assert "done:" not in res.output and "interrupted by SIGTERM at step 2 of 6" in res.output and "--resume" in res.output
+
+
+def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path, ae_run):
+    image = tiny_sets(tmp_path / "iwalt", ae_run, steps=3, **{"model.mode": "image"})
+    video = tiny_sets(tmp_path / "vwalt", ae_run, steps=3)
+    run("diffusion", image, stop_after=1)
+    run("diffusion", video, stop_after=1)
+    os.replace(tmp_path / "iwalt" / "checkpoint.pt", tmp_path / "vwalt" / "checkpoint.pt")  # copied into the V-WALT run
+    with pytest.raises(ValueError, match=r"checkpoint.pt was written by a different run, whose config differs in "
+                                         r"\['model.mode'\] \(model.mode: 'image' there, 'video' here\)"):
+        run("diffusion", video, resume=True)
+    assert not (tmp_path / "vwalt" / "model.safetensors").exists()
+
+
+def test_resume_accepts_the_same_run_named_another_way_or_moved(tmp_path, ae_run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sets = lambda out: tiny_sets(out, ae_run, steps=4)  # noqa: E731
+    run("diffusion", sets("runs/x"), stop_after=1)
+    run("diffusion", sets("./runs/x"), resume=True, stop_after=1)
+    run("diffusion", sets(str(tmp_path / "runs" / "x")), resume=True, stop_after=1)
+    os.replace(tmp_path / "runs" / "x", tmp_path / "moved")
+    run("diffusion", sets("moved"), resume=True)
+    assert torch.load(tmp_path / "moved" / "checkpoint.pt", weights_only=True)["step"] == 4
+    with pytest.raises(ValueError, match=r"differs from the saved run in \['model.width'\] \(model.width: 32 there, 64 here\)"):
+        run("diffusion", sets("moved") + ["model.width=64"], resume=True)
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_with_the_holders_pid(tmp_path, ae_run):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    held = lock_run_dir(str(out))  # another walt-train writing here (flock: refused even within one process)
+    try:
+        with pytest.raises(RunInUse, match=rf"{out} is in use by another walt-train process \(pid {os.getpid()}\)"):
+            run("diffusion", tiny_sets(out, ae_run, steps=2))
+        args = [a for s in tiny_sets(out, ae_run, steps=2) if not s.startswith("out_dir=") for a in ("--set", s)]
+        res = CliRunner().invoke(cli, ["diffusion", *args, "--out", str(tmp_path / "." / "run")])  # named another way
+        assert res.exit_code == 1 and "is in use by another walt-train process" in res.output and "done" not in res.output
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        os.close(held)
+    run("diffusion", tiny_sets(out, ae_run, steps=2))  # released: the run proceeds
+    assert (out / "model.safetensors").exists()
+
+
+def test_resume_needs_the_same_thread_count(tmp_path, ae_run):
+    """Bit-exact resume means the same number of CPU threads: CPU kernels round differently at
+    another thread count, so train.threads is not a resumable change."""
+    sets = tiny_sets(tmp_path, ae_run, steps=3, **{"train.threads": 1})
+    run("diffusion", sets, stop_after=1)
+    with pytest.raises(ValueError, match=r"differs from the saved run in \['train.threads'\]"):
+        run("diffusion", sets + ["train.threads=2"], resume=True)
+    from walt.config import RESUMABLE_CHANGES
+
+    assert "train.threads" not in RESUMABLE_CHANGES
+
+
+def test_unreadable_checkpoints_are_one_clear_sentence(tmp_path, ae_run):
+    sets = tiny_sets(tmp_path, ae_run, steps=3)
+    run("diffusion", sets, stop_after=1)
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    cases = [(b"", "the file is empty"),
+             (good[: len(good) // 2], "it is not a complete torch.save archive"),
+             (os.urandom(4096), "it is not a complete torch.save archive")]
+    for content, reason in cases:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=r"^checkpoint .*checkpoint.pt could not be read as a walt training checkpoint: "
+                                             + re.escape(reason)):
+            run("diffusion", sets, resume=True)
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"it lacks \['step', 'model', 'ema', 'optimizer', 'scheduler', 'extra', 'rng'\]"):
+        run("diffusion", sets, resume=True)
+    # another architecture, from a checkpoint that carries no config (older ones): one sentence, not a traceback
+    state = torch.load(__import__("io").BytesIO(good), weights_only=True)
+    del state["config"]
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("blocks.1.")}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"checkpoint.pt does not fit the configured diffusion model \(Missing key\(s\)"):
+        run("diffusion", sets, resume=True)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.steps=-1", r"config key 'train.steps' must be an integer >= 1, got -1"),
+    ("train.batch_size=0", r"'train.batch_size' must be an integer >= 1, got 0"),
+    ("train.betas=0.9", r"'train.betas' must be a pair \[beta1, beta2\] of numbers in \[0, 1\), got 0.9"),
+    ("train.precision=fp8", r"'train.precision' must be one of 'bf16', 'fp32', got 'fp8'"),
+    ("train.threads=-3", r"'train.threads' must be an integer >= 0, got -3"),
+    ("train.lr=-1e-3", r"'train.lr' must be a number in \(0, inf\)"),
+    ("train.ema_decay=1.5", r"'train.ema_decay' must be a number in \[0, 1\)"),
+    ("data.kind=world", r"data.kind 'world' needs data.path: a `walt-data generate` directory"),
+    ("data.kind=videos", r"'data.kind' must be one of"),
+    ("model.mode=movie", r"'model.mode' must be one of 'video', 'image'"),
+    ("model.heads=3", r"'model.width' must be divisible by model.heads \(3\)"),
+    ("diffusion.sample_steps=0", r"'diffusion.sample_steps' must be an integer in \[1, 1000\]"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, setting, message):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--set", setting])
+    assert res.exit_code == 2 and re.search(message, res.output), res.output
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_bad_options_and_data_paths_leave_the_output_directory_untouched(tmp_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--stop-after", "0"])
+    assert res.exit_code == 2 and "Invalid value for '--stop-after'" in res.output and not out.exists()
+    res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--set", "data.kind=world",
+                                   "--set", f"data.path={tmp_path / 'nothing'}"])
+    assert res.exit_code == 1 and "manifest.json not found" in res.output and not out.exists()
+    res = CliRunner().invoke(cli, ["autoencoder", "--out", str(out), "--resume"])
+    assert res.exit_code == 1 and "holds no checkpoint.pt; run without --resume" in res.output and not out.exists()
+
+
+def test_exported_weights_have_the_mode_of_every_other_output(tmp_path, ae_run):
+    out = run("diffusion", tiny_sets(tmp_path, ae_run, steps=1))
+    mode = lambda name: os.stat(os.path.join(out, name)).st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("ema.safetensors") == mode("config.yaml") == mode("checkpoint.pt")
+
+
+_WRITE_LIMITED = """
+import resource, sys
+if __name__ == "__main__":
+    limit = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a write past `limit` bytes fails (EFBIG)
+    from walt.cli.train import main
+    main(sys.argv[2:], prog_name="walt-train")
+"""
+
+
+def test_a_write_error_ends_in_one_sentence_and_keeps_what_was_written(tmp_path):
+    """A full disk, simulated with a file-size limit the checkpoint exceeds."""
+    import subprocess
+    import sys
+
+    import walt
+
+    root = os.path.dirname(os.path.dirname(walt.__file__))
+    script = tmp_path / "limited.py"
+    script.write_text(_WRITE_LIMITED)
+    out = tmp_path / "ae"
+    args = ["autoencoder", "--out", str(out)]
+    for s in tiny_sets(out, steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8, "train.ckpt_every": 1}):
+        if not s.startswith("out_dir="):
+            args += ["--set", s]
+    env = {**os.environ, "PYTHONPATH": root}
+    res = subprocess.run([sys.executable, str(script), "20000", *args], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write {out / 'checkpoint.pt'}: File too large; files written before are kept: free space "
+        "(or fix the file system) and rerun without --resume")
+    assert not [n for n in os.listdir(out) if ".tmp" in n] and (out / "config.yaml").exists()
+    res = subprocess.run([sys.executable, "-m", "walt.cli.train", *args], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "model.safetensors").exists()

@@ -371,3 +371,67 @@ def test_other_isa_paths_match_oracle(isa):
     has_avx2 = run.stdout.split()[-1] == "True"
     expected = "avx2 loops, walt GEMM" if isa == "avx2" and has_avx2 else "baseline loops, BLAS GEMM"
     assert expected in run.stdout, run.stdout
+
+
+# Every op on inputs without elements, each in a fresh interpreter: a crash in native code (SIGFPE,
+# SIGSEGV) then fails one case instead of killing pytest.
+_EMPTY_SCRIPT = textwrap.dedent("""
+    import sys, torch, walt
+    shape, how = [int(s) for s in sys.argv[1].split(",")], sys.argv[2]
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    bias = torch.randn(shape[4], 3, 3, 3, requires_grad=True)
+    ops = torch.ops.walt
+    if how == "op":
+        out, lse = ops.window_attention(q, k, v, [2, 2, 2], 0.5, bias)
+        assert out.shape == q.shape and lse.shape == q.shape[:5]
+        dq, dk, dv, db = ops.window_attention_backward(out.expand(q.shape), q, k, v, out, lse, [2, 2, 2], 0.5, bias, True)
+        assert dq.shape == q.shape and torch.equal(db, torch.zeros_like(bias))
+    elif how == "keep_probs":
+        out, lse, probs = ops.window_attention_keep_probs(q, k, v, [2, 2, 2], 0.5, None)
+        assert out.shape == q.shape and probs.numel() == 0
+        dq, _, _, _ = ops.window_attention_backward_kept_probs(out, q, k, v, out, lse, probs, [2, 2, 2], 0.5, None, False)
+        assert dq.shape == q.shape
+    elif how == "composite":
+        out, lse = ops._window_attention_composite(q, k, v, [2, 2, 2], 0.5, None)
+        dq, _, _, _ = ops._window_attention_composite_backward(out, q, k, v, out, lse, [2, 2, 2], 0.5, None, False)
+        assert out.shape == dq.shape == q.shape
+    elif how == "fake":  # the fake kernels (torch.compile, meta) agree with the op on the shapes
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        real = ops.window_attention_keep_probs(q, k, v, [2, 2, 2], 0.5, None)
+        plain = q.detach()
+        with FakeTensorMode() as mode:
+            fq = mode.from_tensor(plain)
+            fake = ops.window_attention_keep_probs(fq, fq, fq, [2, 2, 2], 0.5, None)
+        assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in real]
+    else:  # the public function under autograd, gradients of a sum (an expanded, stride-0 grad_out)
+        out = walt.ops.window_attention(q, k, v, (2, 2, 2), rel_pos_bias=bias)
+        out.sum().backward()
+        assert out.shape == q.shape and q.grad.shape == q.shape and torch.equal(bias.grad, torch.zeros_like(bias))
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("how", ["op", "keep_probs", "composite", "fake", "autograd"])
+@pytest.mark.parametrize("shape", [(0, 2, 2, 2, 2, 4), (1, 0, 2, 2, 2, 4), (1, 2, 0, 2, 2, 4), (1, 2, 2, 0, 2, 4),
+                                   (1, 2, 2, 2, 0, 4), (2, 0, 0, 0, 2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_empty_inputs_give_empty_results_and_gradients(shape, how):
+    root = os.path.dirname(os.path.dirname(walt.__file__))  # the walt under test
+    res = subprocess.run([sys.executable, "-c", _EMPTY_SCRIPT, ",".join(map(str, shape)), how], cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
+def test_window_entries_must_be_integers_in_range():
+    q = torch.randn(1, 2, 4, 4, 2, 8)
+    _expect(TypeError, r"window must be a sequence of 3 integers \(wt, wh, ww\), got \(1.9, 2.7, 2.2\)",
+            lambda: window_attention(q, q, q, (1.9, 2.7, 2.2)))
+    _expect(TypeError, r"window must be a sequence of 3 integers", lambda: window_attention(q, q, q, (True, 2, 2)))
+    _expect(ValueError, r"every window entry must be at most 2147483647 \(2\*\*31 - 1\), got \(9223372036854775808, 2, 2\)",
+            lambda: window_attention(q, q, q, (2**63, 2, 2)))
+    _expect(RuntimeError, r"every window entry must be at most 2147483647",
+            lambda: torch.ops.walt.window_attention(q, q, q, [2**62, 2, 2], 0.5, None))
+    import numpy as np
+
+    out = window_attention(q, q, q, np.array([2, 2, 2]))  # integer types of any kind are fine
+    torch.testing.assert_close(out, window_attention(q, q, q, (2, 2, 2)))

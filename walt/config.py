@@ -3,6 +3,7 @@
 Every run writes its resolved config to <out_dir>/config.yaml; `walt-train --dry-run` prints it.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -98,7 +99,9 @@ PRESETS = {
 }
 
 # Keys that may differ when resuming (they change how long/often, not what is computed).
-RESUMABLE_CHANGES = {"train.steps", "train.threads", "train.ckpt_every", "train.keep_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
+# train.threads is not one of them: CPU kernels (GEMM blocking, reductions) round differently at
+# another thread count, so a bit-exact resume needs the same number of threads.
+RESUMABLE_CHANGES = {"train.steps", "train.ckpt_every", "train.keep_every", "train.log_every", "train.sample_every", "train.tensorboard", "data.num_workers"}
 
 
 class ConfigError(ValueError):
@@ -169,7 +172,123 @@ def resolve(preset=None, yaml_files=(), sets=(), extra=None):
     cfg = merge(RunConfig(), {**PRESETS[name], "preset": name})
     for layer in layers:
         cfg = merge(cfg, {k: v for k, v in layer.items() if k != "preset"})
+    validate(cfg)
     return cfg
+
+
+def validate(cfg):
+    """Check every setting's type, range and choices; ConfigError (one sentence naming the key) on
+    the first bad one. Runs before anything is written, so a bad invocation leaves no trace."""
+
+    def fail(key, expected, value):
+        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+
+    def integer(key, value, low, high=None):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        if not ok:
+            fail(key, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]", value)
+
+    def number(key, value, low, high=None, low_open=False, high_open=False):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low)
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high_open or high is None else ']'}"
+            fail(key, f"a number in {interval}", value)
+
+    def choice(key, value, options):
+        if value not in options:
+            fail(key, "one of " + ", ".join(repr(o) for o in options), value)
+
+    def ints(key, value, n=None):
+        ok = isinstance(value, (tuple, list)) and (n is None or len(value) == n) and len(value) > 0
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        if not ok:
+            fail(key, f"a list of {n or 'one or more'} integers >= 1", value)
+
+    choice("stage", cfg.stage, ("autoencoder", "diffusion"))
+    if not isinstance(cfg.out_dir, str) or not cfg.out_dir.strip():
+        fail("out_dir", "a directory path (--out)", cfg.out_dir)
+    if cfg.stage == "diffusion" and cfg.autoencoder_run and not isinstance(cfg.autoencoder_run, str):
+        fail("autoencoder_run", "a directory path (--autoencoder)", cfg.autoencoder_run)
+
+    t = cfg.train
+    integer("train.steps", t.steps, 1)
+    integer("train.batch_size", t.batch_size, 1)
+    integer("train.grad_accum", t.grad_accum, 1)
+    number("train.lr", t.lr, 0, low_open=True)
+    number("train.weight_decay", t.weight_decay, 0)
+    if not (isinstance(t.betas, (tuple, list)) and len(t.betas) == 2):
+        fail("train.betas", "a pair [beta1, beta2] of numbers in [0, 1)", t.betas)
+    for i, b in enumerate(t.betas):
+        number(f"train.betas[{i}]", b, 0, 1, high_open=True)
+    integer("train.warmup_steps", t.warmup_steps, 0)
+    number("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    number("train.grad_clip", t.grad_clip, 0)
+    number("train.ema_decay", t.ema_decay, 0, 1, high_open=True)
+    integer("train.ckpt_every", t.ckpt_every, 1)
+    integer("train.log_every", t.log_every, 1)
+    integer("train.sample_every", t.sample_every, 0)
+    integer("train.num_samples", t.num_samples, 0)
+    integer("train.seed", t.seed, 0)
+    choice("train.precision", t.precision, ("bf16", "fp32"))
+    choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    integer("train.threads", t.threads, 0)
+
+    d = cfg.data
+    choice("data.kind", d.kind, ("moving_shapes", "world", "tensor", "factory"))
+    integer("data.num_clips", d.num_clips, 1)
+    integer("data.frames", d.frames, 1)
+    integer("data.size", d.size, 1)
+    integer("data.num_workers", d.num_workers, 0)
+    if not isinstance(d.kwargs, dict):
+        fail("data.kwargs", "a mapping of keyword arguments", d.kwargs)
+    if d.kind in ("world", "tensor") and not (isinstance(d.path, str) and d.path.strip()):
+        what = "a `walt-data generate` directory" if d.kind == "world" else "a .safetensors or .pt file of clips"
+        raise ConfigError(f"data.kind {d.kind!r} needs data.path: {what} (--set data.path=...)")
+    if d.kind == "factory" and not (isinstance(d.factory, str) and ":" in d.factory):
+        fail("data.factory", "'module:callable' for data.kind 'factory'", d.factory)
+
+    m = cfg.model
+    choice("model.mode", m.mode, ("video", "image"))
+    choice("model.attention_backend", m.attention_backend, ("fused", "reference"))
+    for key in ("latent_channels", "patch_size", "depth", "width", "heads"):
+        integer(f"model.{key}", getattr(m, key), 1)
+    integer("model.lora_rank", m.lora_rank, 0)
+    integer("model.num_classes", m.num_classes, 0)
+    number("model.mlp_ratio", m.mlp_ratio, 0, low_open=True)
+    for key in ("input_size", "spatial_window", "spatiotemporal_window"):
+        ints(f"model.{key}", getattr(m, key), 3)
+    if m.width % m.heads:
+        fail("model.width", f"divisible by model.heads ({m.heads})", m.width)
+
+    a = cfg.autoencoder
+    for key in ("latent_channels", "base_channels", "num_res_blocks", "groups"):
+        integer(f"autoencoder.{key}", getattr(a, key), 1)
+    powers = tuple(2**k for k in range(1, 7))
+    choice("autoencoder.spatial_factor", a.spatial_factor, powers)
+    choice("autoencoder.temporal_factor", a.temporal_factor, tuple(p for p in (1,) + powers if p <= a.spatial_factor))
+    ints("autoencoder.channel_mult", a.channel_mult)
+    levels = powers.index(a.spatial_factor) + 2  # one level per factor of 2, plus the first
+    if len(a.channel_mult) != levels:
+        fail("autoencoder.channel_mult", f"{levels} entries for spatial_factor {a.spatial_factor}", a.channel_mult)
+
+    f = cfg.diffusion
+    integer("diffusion.num_steps", f.num_steps, 1)
+    choice("diffusion.schedule", f.schedule, ("linear", "scaled_linear", "cosine"))
+    number("diffusion.beta_start", f.beta_start, 0, 1, low_open=True, high_open=True)
+    number("diffusion.beta_end", f.beta_end, 0, 1, low_open=True, high_open=True)
+    number("diffusion.self_cond_prob", f.self_cond_prob, 0, 1)
+    choice("diffusion.noise_backend", f.noise_backend, ("fused", "reference"))
+    integer("diffusion.sample_steps", f.sample_steps, 1, f.num_steps)
+
+    e = cfg.ae_loss
+    choice("ae_loss.recon", e.recon, ("l1", "l2"))
+    number("ae_loss.kl_weight", e.kl_weight, 0)
+    number("ae_loss.disc_weight", e.disc_weight, 0)
+    integer("ae_loss.disc_start", e.disc_start, 0)
+    integer("ae_loss.disc_channels", e.disc_channels, 1)
+    integer("ae_loss.stats_batches", e.stats_batches, 1)
 
 
 def to_dict(cfg):

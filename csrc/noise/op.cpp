@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 
 #include "noise.h"
@@ -61,6 +62,14 @@ AddNoiseArgs check_args(const at::Tensor& x0, const at::Tensor& t, const at::Ten
                 noise->device(), ".");
   }
   const NoiseTarget tgt = parse_target(target);
+  {  // sqrt(ab) and sqrt(1 - ab) are NaN outside [0, 1]: refuse the table rather than return NaN
+    const auto [lo, hi] = at::aminmax(alphas_cumprod);
+    const double amin = lo.item<double>(), amax = hi.item<double>();
+    const bool has_nan = std::isnan(amin) || std::isnan(amax);
+    TORCH_CHECK(!has_nan && amin >= 0 && amax <= 1, "add_noise: alphas_cumprod must lie in [0, 1] (a cumulative ",
+                "product of 1 - beta), got ", has_nan ? std::string("NaN") : c10::str("values in [", amin, ", ", amax, "]"),
+                ".");
+  }
 
   const int64_t steps = alphas_cumprod.size(0);
   at::Tensor t64 = t.to(at::kLong).contiguous();

@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace walt::attn {
 
@@ -14,5 +16,17 @@ void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window, double scale,
                          const std::optional<at::Tensor>& rel_pos_bias);
+
+// Shape of the probabilities window_attention_keep_probs keeps: (B, windows, heads, n*n); windows
+// and n are 0 when T, H or W is 0.
+std::vector<int64_t> probs_shape(const at::Tensor& q, at::IntArrayRef window);
+
+// Inputs without elements (B, T, H, W or heads of 0) have empty results and, in the backward, empty
+// gradients and a zero bias gradient. Every device returns these instead of running its kernels,
+// whose window tiling needs T, H, W >= 1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& q, at::IntArrayRef window,
+                                                             bool keep_probs);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_backward(
+    const at::Tensor& q, const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad);
 
 }  // namespace walt::attn

@@ -14,6 +14,9 @@ namespace walt::attn {
 namespace {
 
 constexpr int64_t kMaxWindowTokens = 2048;
+// Window entries beyond the grid are clamped, so any size is meaningful; this bound keeps the bias
+// table's 2w-1 and the token counts far from int64 overflow.
+constexpr int64_t kMaxWindowEntry = 2147483647;
 
 void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 6 && x.sizes() == q.sizes(), "window_attention: ", name, " must have q's shape ", q.sizes(),
@@ -22,7 +25,8 @@ void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
               q.scalar_type(), ", got ", x.scalar_type(), ".");
   TORCH_CHECK(x.device() == q.device(), "window_attention: ", name, " must be on q's device ", q.device(), ", got ",
               x.device(), ".");
-  TORCH_CHECK(x.stride(5) == 1 || x.size(5) == 1, "window_attention: ", name,
+  // An empty tensor has no elements to read: any strides (e.g. the 0 of an expanded gradient) will do.
+  TORCH_CHECK(x.stride(5) == 1 || x.size(5) == 1 || x.numel() == 0, "window_attention: ", name,
               " must have unit stride on its last dimension (d), got stride ", x.stride(5), ".");
 }
 
@@ -43,6 +47,9 @@ void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
               ".");
   TORCH_CHECK(window[0] >= 1 && window[1] >= 1 && window[2] >= 1,
               "window_attention: every window entry must be at least 1, got ", window, ".");
+  TORCH_CHECK(window[0] <= kMaxWindowEntry && window[1] <= kMaxWindowEntry && window[2] <= kMaxWindowEntry,
+              "window_attention: every window entry must be at most ", kMaxWindowEntry, " (2**31 - 1), got ", window,
+              ".");
   TORCH_CHECK(std::isfinite(scale), "window_attention: scale must be a finite number, got ", scale, ".");
   // The kernel holds a window's whole n x n logit block per thread (a dozen such buffers in the
   // backward); beyond this it would need gigabytes, so say so instead of failing to allocate.
@@ -76,12 +83,37 @@ void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const 
               lse.device(), ".");
 }
 
+std::vector<int64_t> probs_shape(const at::Tensor& q, at::IntArrayRef window) {
+  if (q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0) return {q.size(0), 0, q.size(4), 0};  // no windows
+  const WindowGeometry g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
+  const int64_t nmax = max_window_tokens(g);
+  return {q.size(0), num_windows(g), q.size(4), nmax * nmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& q, at::IntArrayRef window,
+                                                             bool keep_probs) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {at::empty(q.sizes(), q.options()), at::empty(q.sizes().slice(0, 5), q.options().dtype(acc)),
+          keep_probs ? at::empty(probs_shape(q, window), q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_backward(
+    const at::Tensor& q, const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
+  const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
+  return {at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
+          want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            at::IntArrayRef window, double scale,
                                            const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  if (q.numel() == 0) {
+    auto [out, lse, probs] = empty_forward(q, window, /*keep_probs=*/false);
+    return {out, lse};
+  }
   auto [out, lse, probs] = forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
   return {out, lse};
 }
@@ -91,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_keep_probs(const at::Tens
                                                                   double scale,
                                                                   const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  if (q.numel() == 0) return empty_forward(q, window, /*keep_probs=*/true);
   return forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
 }
 
@@ -99,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
   check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
   return backward_cpu(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
 }
 
@@ -107,14 +141,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kept_probs(
     const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
     const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
   check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  const WindowGeometry g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
-  const int64_t nmax = max_window_tokens(g);
-  const std::vector<int64_t> want{q.size(0), num_windows(g), q.size(4), nmax * nmax};
+  const std::vector<int64_t> want = probs_shape(q, window);
   TORCH_CHECK(probs.sizes() == at::IntArrayRef(want) && probs.scalar_type() == lse.scalar_type() &&
                   probs.device() == q.device() && probs.is_contiguous(),
               "window_attention: probs must be the contiguous ", lse.scalar_type(), " tensor of shape ",
               at::IntArrayRef(want), " that window_attention_keep_probs returned for these inputs, got ",
               probs.scalar_type(), " of shape ", probs.sizes(), ".");
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
   return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 

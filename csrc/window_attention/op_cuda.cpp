@@ -80,6 +80,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
                                                 const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q_in, k_in, v_in, window, scale, rel_pos_bias);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  if (q_in.numel() == 0) {
+    auto [out, lse, probs] = empty_forward(q_in, window, /*keep_probs=*/false);
+    return {out, lse};
+  }
   if (!on_tensor_cores(q_in)) return forward_composite(q_in, k_in, v_in, window, scale, rel_pos_bias);
   const at::Tensor q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -99,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
   check_backward_args(grad_out_in, q_in, k_in, v_in, out, lse_in, window, scale, rel_pos_bias);
   const c10::cuda::CUDAGuard guard(q_in.device());
+  if (q_in.numel() == 0) return empty_backward(q_in, rel_pos_bias, bias_requires_grad);
   if (!on_tensor_cores(q_in)) {
     return backward_composite(grad_out_in, q_in, k_in, v_in, out, lse_in, window, scale, rel_pos_bias,
                               bias_requires_grad);

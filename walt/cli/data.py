@@ -19,10 +19,14 @@ from walt.data.world import LABEL_NAMES, WorldConfig, render_clip
 
 def _world_options(f):
     opts = [
-        click.option("--seed", default=0, show_default=True, help="dataset seed; clip i of split s depends only on it"),
-        click.option("--frames", default=17, show_default=True),
-        click.option("--size", default=64, show_default=True, help="frame height and width in pixels"),
-        click.option("--track-points", default=64, show_default=True, help="point tracks per clip"),
+        click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="dataset seed; clip i of split s depends only on it"),
+        click.option("--frames", default=17, show_default=True, type=click.IntRange(min=1),
+                     help="frames per clip: 1 + a multiple of 4 (1, 5, 9, 17, ...)"),
+        click.option("--size", default=64, show_default=True, type=click.IntRange(min=8),
+                     help="frame height and width in pixels, a multiple of 8"),
+        click.option("--track-points", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="point tracks per clip"),
         click.option("--textures", type=click.Choice(["auto", "procedural", "fashion"]), default="auto",
                      show_default=True, help="object textures; fashion needs the dataset-fashion-mnist package"),
     ]
@@ -43,19 +47,26 @@ def main():
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="dataset directory (resumed if it exists)")
-@click.option("--train", "n_train", default=1000, show_default=True)
-@click.option("--val", "n_val", default=200, show_default=True)
-@click.option("--test", "n_test", default=200, show_default=True)
-@click.option("--shard-size", default=64, show_default=True, help="clips per HDF5 shard (the unit of resuming)")
-@click.option("--workers", default=2, show_default=True, help="rendering processes")
+@click.option("--train", "n_train", default=1000, show_default=True, type=click.IntRange(min=0))
+@click.option("--val", "n_val", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option("--test", "n_test", default=200, show_default=True, type=click.IntRange(min=0))
+@click.option("--shard-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="clips per HDF5 shard (the unit of resuming)")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="rendering processes (0 or 1: render in this process)")
 @click.option("--dry-run", is_flag=True, help="print the resolved config and exit")
 @_world_options
 def generate(out, n_train, n_val, n_test, shard_size, workers, dry_run, **world):
     """Render train/val/test clips into HDF5 shards with a manifest."""
+    from walt.data.store import StoreWriteError, validate
     from walt.data.store import generate as run
 
-    cfg = _world(**world)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
+    try:  # every argument, before anything is written
+        cfg = _world(**world)
+        validate(cfg, sizes, shard_size, workers)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     resolved = {"out": out, "world": dataclasses.asdict(cfg), "sizes": sizes, "shard_size": shard_size, "workers": workers}
     if dry_run:
         click.echo(json.dumps(resolved, indent=1))
@@ -63,6 +74,9 @@ def generate(out, n_train, n_val, n_test, shard_size, workers, dry_run, **world)
     start = time.perf_counter()
     try:
         run(out, cfg, sizes, shard_size=shard_size, workers=workers, progress=sys.stderr.isatty())
+    except StoreWriteError as e:
+        raise click.ClickException(f"{e}; the shards finished so far are kept: free space (or fix the file system) "
+                                   f"and rerun the same command to continue.") from None
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     n = sum(sizes.values())

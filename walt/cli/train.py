@@ -7,7 +7,12 @@
     torchrun --nproc_per_node 2 -m walt.cli.train diffusion ...   # DDP (gloo on CPU)
 
 Settings layer as: defaults <- --preset <- --config YAML files <- --set key.sub=value <- options.
+
+Exit status: 0 done (or stopped by --stop-after), 1 an error (one sentence), 2 a bad command line
+or config, or a non-finite loss, 3 interrupted by SIGTERM/SIGUSR1 after writing a checkpoint:
+rerun the same command with --resume.
 """
+import errno
 import logging
 import os
 import sys
@@ -16,6 +21,10 @@ import click
 import torch
 
 from walt.config import ConfigError, resolve, to_yaml
+
+
+# Errors of a full disk or a read-only file system, whichever file they hit.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, errno.EDQUOT}
 
 
 def _count(cfg):
@@ -34,7 +43,7 @@ def _count(cfg):
 @click.option("--out", "out_dir", help="Output directory (checkpoints, metrics, samples, weights).")
 @click.option("--autoencoder", "autoencoder_run", help="Diffusion stage: the output directory of the autoencoder run.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint, bit-exactly.")
-@click.option("--stop-after", type=int, help="Stop (with a checkpoint) after this many steps of this invocation.")
+@click.option("--stop-after", type=click.IntRange(min=1), help="Stop (with a checkpoint) after this many steps of this invocation.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and parameter counts, then exit.")
 def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, stop_after, dry_run):
     """Train the causal VAE (STAGE autoencoder) or WALT (STAGE diffusion, the default).
@@ -47,6 +56,7 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
 
     Settings layer as defaults <- --preset <- --config files <- --set <- options. Runs write
     config.yaml, metrics.jsonl, checkpoint.pt and, when done, model/ema.safetensors to --out.
+    SIGTERM or SIGUSR1 write a checkpoint and exit with status 3; continue with --resume.
     """
     extra = {}
     if stage:
@@ -73,7 +83,8 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
         click.echo(f"# preset {cfg.preset}: WALT ({cfg.model.mode}) {n_walt:,} parameters ({n_walt / 1e6:.1f}M); "
                    f"autoencoder {n_vae:,} parameters ({n_vae / 1e6:.1f}M)")
         return
-    from walt.train.loop import NonFiniteLoss, train
+    from walt.train.checkpoint import WriteError
+    from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, train
 
     if cfg.stage == "autoencoder":
         from walt.train.autoencoder import make_task
@@ -84,8 +95,19 @@ def main(stage, preset, configs, sets, mode, out_dir, autoencoder_run, resume, s
     except NonFiniteLoss as e:
         logging.getLogger("walt.train").error("%s", e)
         sys.exit(2)
+    except Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(f"walt-train: {e}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a full or read-only disk: one sentence, and how to continue
+        if not isinstance(e, WriteError) and e.errno not in _WRITE_ERRNOS:
+            raise
+        what = str(e) if isinstance(e, WriteError) else f"cannot write to {cfg.out_dir}: {e.strerror}"
+        again = "with --resume" if os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")) else "without --resume"
+        raise click.ClickException(f"{what}; files written before are kept: free space (or fix the file system) and "
+                                   f"rerun {again}") from None
     if os.environ.get("RANK", "0") == "0":
         click.echo(f"done: {out}")
 

@@ -4,6 +4,7 @@ Semantics are those of `walt.ops.reference.window_attention_reference`; see that
 The kernel reads q, k, v in place (any strides, unit stride on d), so views of one fused qkv
 projection need no copy.
 """
+import operator
 import os
 
 import torch
@@ -67,8 +68,8 @@ def _windows_and_tokens(shape, window):
     """(number of windows, tokens of a full window) of a (B, T, H, W, ...) input."""
     windows, tokens = 1, 1
     for w, size in zip(window, shape[1:4]):
-        w = min(w, size)
-        windows *= -(-size // w)
+        w = min(w, size)  # 0 on an empty axis: no windows, no tokens
+        windows *= -(-size // w) if w else 0
         tokens *= w
     return windows, tokens
 
@@ -106,14 +107,7 @@ def _check(q, k, v, window, scale, rel_pos_bias):
             raise ValueError(
                 f"window_attention: {name} must have unit stride on its last dimension (d), got stride {x.stride(-1)}."
             )
-    try:
-        window = [int(w) for w in window]
-    except (TypeError, ValueError):
-        raise TypeError(f"window_attention: window must be a sequence of 3 integers (wt, wh, ww), got {window!r}.") from None
-    if len(window) != 3:
-        raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(window)}.")
-    if min(window) < 1:
-        raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(window)}.")
+    window = _window_entries(window)
     _, tokens = _windows_and_tokens(q.shape, window)
     if tokens > MAX_WINDOW_TOKENS:
         raise ValueError(
@@ -136,6 +130,43 @@ def _check(q, k, v, window, scale, rel_pos_bias):
         if rel_pos_bias.device != q.device:
             raise ValueError(f"window_attention: rel_pos_bias must be on q's device {q.device}, got {rel_pos_bias.device}.")
     return window
+
+
+# Window entries beyond the grid are clamped, so any size is meaningful; the op bounds them so that
+# the bias table's 2w-1 and the token counts stay far from int64 overflow.
+MAX_WINDOW_ENTRY = 2**31 - 1
+
+
+def _window_entries(window):
+    """window as a list of 3 ints in [1, MAX_WINDOW_ENTRY]; floats and bools are refused, not truncated."""
+    try:
+        entries = list(window)
+    except TypeError:
+        entries = None
+    if entries is None or not all(_is_integer(w) for w in entries):
+        raise TypeError(f"window_attention: window must be a sequence of 3 integers (wt, wh, ww), got {window!r}.")
+    entries = [operator.index(w) for w in entries]
+    if len(entries) != 3:
+        raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(entries)}.")
+    if min(entries) < 1:
+        raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(entries)}.")
+    if max(entries) > MAX_WINDOW_ENTRY:
+        raise ValueError(
+            f"window_attention: every window entry must be at most {MAX_WINDOW_ENTRY} (2**31 - 1), got {tuple(entries)}."
+        )
+    return entries
+
+
+def _is_integer(w):
+    if isinstance(w, bool):
+        return False
+    if isinstance(w, torch.Tensor):
+        return w.dim() == 0 and not w.dtype.is_floating_point and not w.dtype.is_complex and w.dtype != torch.bool
+    try:
+        operator.index(w)
+    except TypeError:
+        return False
+    return True
 
 
 def _lse_dtype(q):

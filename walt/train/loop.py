@@ -12,6 +12,7 @@ for completeness rather than needed.
 import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from walt.config import RESUMABLE_CHANGES, diff, to_dict, to_yaml
+from walt.config import RESUMABLE_CHANGES, diff, to_dict, to_yaml, validate
 from walt.diffusion.objective import mix_seed
 from walt.runs import autoencoder_config
 from walt.train import checkpoint as ckpt
@@ -37,6 +38,95 @@ log = logging.getLogger("walt.train")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# Exit status of `walt-train` when a signal (SIGTERM, SIGUSR1) stopped it after a checkpoint.
+EXIT_INTERRUPTED = 3
+
+
+class Interrupted(RuntimeError):
+    """A scheduler's signal stopped training after a checkpoint; `--resume` continues it."""
+
+    def __init__(self, out, step, steps, signum):
+        self.out, self.step, self.steps, self.signum = out, step, steps, signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step} of {steps}: the checkpoint "
+                         f"{os.path.join(out, 'checkpoint.pt')} is written; continue with the same command and --resume")
+
+
+class RunInUse(FileExistsError):
+    pass
+
+
+# A run directory is what it resolves to: the same run named another way (./runs/x, an absolute
+# path) or moved elsewhere resumes, so out_dir is never compared.
+_NOT_COMPARED = {"out_dir"}
+
+
+def _same_dir(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError):
+        return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def resume_differences(saved, cfg):
+    """Settings of config dict `saved` that a resume of `cfg` may not change, as 'key: X there, Y here'."""
+    now = to_dict(cfg)
+    out = []
+    for key in diff(saved, now):
+        if key in RESUMABLE_CHANGES or key in _NOT_COMPARED:
+            continue
+        there, here = _lookup(saved, key), _lookup(now, key)
+        if key == "autoencoder_run" and _same_dir(there, here):
+            continue
+        out.append((key, there, here))
+    return out
+
+
+def _lookup(d, dotted):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _describe(differences):
+    return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in differences)
+
+
+def _check_run_dir(cfg, out, resume):
+    """The checks on an existing run directory (read-only, so every rank can make them)."""
+    ckpt_path, cfg_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "config.yaml")
+    if resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"cannot resume {out}: it holds no checkpoint.pt; run without --resume to start a new run")
+    if resume and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            try:
+                saved = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"cannot resume {out}: {cfg_path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        changed = resume_differences(saved if isinstance(saved, dict) else {}, cfg)
+        if changed:
+            raise ValueError(f"cannot resume {out}: the config differs from the saved run in {[k for k, _, _ in changed]} "
+                             f"({_describe(changed)})")
+    elif not resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def lock_run_dir(out):
+    """An advisory lock (flock) on <out>/.lock for as long as the returned descriptor is open: a second
+    writer of the same run directory (under any name) is refused with the holder's pid."""
+    path = os.path.join(out, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUse(f"{out} is in use by another walt-train process (pid {holder}); wait for it to end or choose "
+                       f"another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def lr_factor(step, warmup, total, min_ratio):
@@ -118,12 +208,34 @@ def _stop(stage, what, value, step, ckpt_path, last_saved):
     )
 
 
+def _check_checkpoint_config(state, cfg, ckpt_path):
+    """A checkpoint carries the config of the run that wrote it: refuse one from another run (an
+    I-WALT checkpoint copied into a V-WALT run, another architecture) before loading any weights."""
+    text = state.get("config")
+    if not isinstance(text, str):
+        return  # written before checkpoints carried their config; load_state_dict still checks shapes
+    try:
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot resume: the config stored in {ckpt_path} is unreadable; the checkpoint is damaged")
+    changed = resume_differences(saved, cfg)
+    if changed:
+        raise ValueError(f"cannot resume: {ckpt_path} was written by a different run, whose config differs in "
+                         f"{[k for k, _, _ in changed]} ({_describe(changed)})")
+
+
 def train(cfg, make_task, resume=False, stop_after=None):
     """Run (or continue) the training described by `cfg`; returns the output directory.
 
     make_task(cfg, dist) -> task. stop_after ends this invocation after that many steps with a
-    checkpoint (for time-sliced jobs); `resume` continues from <out_dir>/checkpoint.pt.
+    checkpoint (for time-sliced jobs); `resume` continues from <out_dir>/checkpoint.pt. The config
+    is validated and the task built before anything is written; the run directory is locked
+    while training (RunInUse for a second writer). SIGTERM/SIGUSR1 write a checkpoint and raise
+    Interrupted.
     """
+    validate(cfg)
     if cfg.stage == "diffusion" and cfg.autoencoder_run:
         # Record the autoencoder actually used, not the preset's, in the run's config.
         cfg = dataclasses.replace(cfg, autoencoder=autoencoder_config(cfg.autoencoder_run))
@@ -137,20 +249,39 @@ def train(cfg, make_task, resume=False, stop_after=None):
 
 
 def _train(cfg, make_task, dist, resume, stop_after):
+    out = cfg.out_dir
+    # Every rank checks (read-only), so a refusal cannot leave the others waiting at a barrier.
+    _check_run_dir(cfg, out, resume)
+    # The task (data, autoencoder) is built before anything is written: a bad data path or
+    # autoencoder run leaves --out untouched.
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    task = make_task(cfg, dist)
+    lock = None
+    refused = None
+    if dist.main:
+        try:
+            os.makedirs(out, exist_ok=True)
+            lock = lock_run_dir(out)
+            _check_run_dir(cfg, out, resume)  # again, now that no one else can write here
+        except (OSError, ValueError) as e:
+            refused = e
+    if distributed.all_reduce_sum(torch.tensor([1.0 if refused else 0.0], device=dist.device)).item() > 0:
+        if lock is not None:
+            os.close(lock)
+        raise refused if refused is not None else RunInUse(f"{out} could not be claimed by rank 0; see its error")
+    try:
+        return _train_locked(cfg, task, dist, resume, stop_after)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train_locked(cfg, task, dist, resume, stop_after):
     tc = cfg.train
     out = cfg.out_dir
     ckpt_path = os.path.join(out, "checkpoint.pt")
     cfg_path = os.path.join(out, "config.yaml")
-    # Every rank checks (read-only), so a refusal cannot leave the others waiting at a barrier.
-    if resume and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            changed = [k for k in diff(yaml.safe_load(f), to_dict(cfg)) if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ValueError(f"cannot resume {out}: the config differs from the saved run in {changed}")
-    elif not resume and os.path.exists(ckpt_path):
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if dist.main:
-        os.makedirs(out, exist_ok=True)
         with open(cfg_path, "w") as f:
             f.write(to_yaml(cfg))
     distributed.barrier()
@@ -158,8 +289,6 @@ def _train(cfg, make_task, dist, resume, stop_after):
     device = dist.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
 
-    torch.manual_seed(tc.seed)  # same initial weights on every rank
-    task = make_task(cfg, dist)
     model = task.model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tc.ema_decay > 0 else None
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
@@ -170,13 +299,20 @@ def _train(cfg, make_task, dist, resume, stop_after):
     start = 0
     if resume:
         state = ckpt.load(ckpt_path)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        task.load_extra_state(state["extra"])
-        ckpt.set_rng_state(state["rng"])
+        _check_checkpoint_config(state, cfg, ckpt_path)
+        try:
+            model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            task.load_extra_state(state["extra"])
+            ckpt.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            detail = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            detail = detail[1] if len(detail) > 1 and detail[0].startswith("Error(s) in loading") else (detail or [repr(e)])[0]
+            raise ValueError(f"cannot resume {out}: {ckpt_path} does not fit the configured {cfg.stage} model "
+                             f"({detail[:200]})") from None
         start = state["step"]
         log.info("resumed %s at step %d", out, start)
 
@@ -230,6 +366,7 @@ def _train(cfg, make_task, dist, resume, stop_after):
     it = iter(loader)
     step = start
     stop_request = []
+    interrupted = None
     previous_handlers = {}
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         try:
@@ -298,6 +435,7 @@ def _train(cfg, make_task, dist, resume, stop_after):
             if step < end and distributed.all_reduce_sum(requested).item() > 0:
                 save(step)
                 last_saved = step
+                interrupted = stop_request[0] if stop_request else signal.SIGTERM  # another rank's signal
                 log.warning("stop requested by signal: checkpoint at step %d written; continue with --resume", step)
                 break
     finally:
@@ -308,6 +446,8 @@ def _train(cfg, make_task, dist, resume, stop_after):
             metrics.close()
         if tb is not None:
             tb.close()
+    if interrupted is not None:
+        raise Interrupted(out, step, tc.steps, interrupted)
     if step == tc.steps:
         if start == tc.steps:  # resumed a finished run: nothing to do but re-export
             log.info("%s is already trained to step %d", out, step)
