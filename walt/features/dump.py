@@ -271,7 +271,7 @@ def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, bat
 
     n = len(clips)
     attrs = {**attrs, "video_size": np.asarray(clips.video_size, np.int64), "num_clips": n, "first_clip": 0,
-             "store_video": bool(store_video)}
+             "store_video": bool(store_video), "torch_threads": torch.get_num_threads()}
     if write and os.path.exists(out):
         with FeatureFile(out, require_complete=False) as ff:
             check_same_dump(out, ff.attrs, attrs)

@@ -17,8 +17,11 @@ clip id, and every clip runs through the autoencoder and the transformer in a fo
 own (batch 1), so neither the batch size nor the rank count nor where a resumed dump restarted
 changes a bit. (CPU GEMMs, cuBLAS and oneDNN convolutions pick their blocking from the batch
 size, so a batched forward would give results that differ in the last bits with the batch's
-composition.) Thread counts do not change walt's own ops; BLAS GEMMs are bitwise thread-invariant
-at the sizes the tests use but may not be at every size.
+composition.) Thread counts: noise and the transformer's attention are walt's own ops, bitwise
+thread-invariant; the linear layers are too at the sizes the tests use, but oneDNN's convolutions
+in the autoencoder (and MKL GEMMs at large sizes) may round differently with another thread count,
+so dumps meant to be bitwise comparable run with the same number of threads per process (the file
+records it as `torch_threads`).
 
 Controls (DESIGN 2.4): kind "random" is the same architecture with the run's initial weights,
 kind "latents" the autoencoder latents themselves (no noise, no transformer), stored as the block
@@ -123,8 +126,17 @@ class Backbone:
     @torch.no_grad()
     def clip_features(self, video: torch.Tensor, clip_id: int) -> dict[str, torch.Tensor]:
         """Features {key: (T', h, w, C) float32} of one clip (T, 3, H, W) in [-1, 1]."""
-        video = video.to(self.device, torch.float32)[None]
-        x0 = latents_for(self.mode, self.vae, video)
+        return self.features_from_latents(self.latents(video), clip_id)
+
+    @torch.no_grad()
+    def latents(self, video: torch.Tensor) -> torch.Tensor:
+        """(T', h, w, C): the clip (T, 3, H, W) as the run's mode sees it (walt.data.modes.latents_for)."""
+        return latents_for(self.mode, self.vae, video.to(self.device, torch.float32)[None])[0]
+
+    @torch.no_grad()
+    def features_from_latents(self, z: torch.Tensor, clip_id: int) -> dict[str, torch.Tensor]:
+        """Features {key: (T', h, w, C) float32} of a clip's latents z (T', h, w, C)."""
+        x0 = z[None]
         if self.kind == "latents":
             return {LATENT: x0[0]}
         from walt.ops import add_noise  # the fused op: the noise of a clip is keyed by its id

@@ -23,7 +23,8 @@ Root attributes: format, walt_version, git_sha, config (the run's full config as
 kind (walt / random / latents), checkpoint (+ checkpoint_sha256), autoencoder
 (+ autoencoder_sha256), step (-1: final EMA weights), mode, seed, noise_backend, blocks,
 timesteps, data, data_format, split, video_size (T, H, W), num_clips, first_clip (the source
-index of clip 0 of this file), store_video; a joined multi-rank file adds `shards`.
+index of clip 0 of this file), store_video, torch_threads (intra-op threads of the writing
+process); a joined multi-rank file adds `shards`.
 
 One writer per file, from a background thread: datasets are preallocated and written by clip
 index, `done` is set only once a clip's data is on disk, so a killed dump resumes at the first clip
@@ -43,7 +44,7 @@ import numpy as np
 
 FORMAT = "walt-features/1"
 # Attributes that say nothing about the values; every other one must match to resume a file.
-_INFORMATIVE = ("walt_version", "git_sha", "run", "checkpoint", "autoencoder", "shards")
+_INFORMATIVE = ("walt_version", "git_sha", "run", "checkpoint", "autoencoder", "shards", "torch_threads")
 _MIB = 1 << 20
 
 
@@ -339,7 +340,7 @@ def join_shards(out: str, shards: list[str]) -> str:
         for ff in files[1:]:
             a = {k: v for k, v in ff.attrs.items() if k not in ("num_clips", "first_clip")}
             for k in a0:
-                if k not in ("walt_version", "git_sha") and a.get(k) != a0[k]:
+                if k not in _INFORMATIVE and a.get(k) != a0[k]:
                     raise FeatureFileError(f"{ff.path} differs from {first.path} in {k}; they are not shards of one dump.")
         if [ff.attrs["first_clip"] for ff in files] != list(np.cumsum([start] + [len(ff) for ff in files[:-1]])):
             raise FeatureFileError(f"the shards of {out} do not cover consecutive clips.")
