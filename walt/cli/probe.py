@@ -3,10 +3,12 @@
     walt-probe dump --run runs/vwalt --data data/world --split test --blocks 2,3 --t 0,200 --out feats/v.h5
     walt-probe dump --run random:runs/vwalt ...        # untrained control (initial weights)
     walt-probe dump --run latents:runs/vwalt ...       # autoencoder-latent control
-    torchrun --nproc_per_node 2 -m walt.cli.probe dump ...   # one shard per rank, joined into --out
+    torchrun --nproc_per_node 2 -m walt.cli.probe -- dump ...  # one shard per rank, joined into --out
     walt-probe pca --features feats/v.h5 --features feats/i.h5 --key t0200/b02 --clips 0,1 --out pca.png --gif pca.gif
 
-Blocks are 0-based everywhere in walt (the paper's "l = 11-16" are blocks 10-15).
+Blocks are 0-based everywhere in walt (the paper's "l = 11-16" are blocks 10-15). Under torchrun,
+the `--` before the command keeps torchrun's own parser away from the command's options (it would
+refuse --run as an ambiguous abbreviation of its --run-path).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def dump(run_spec, data, fmt, split, blocks, timesteps, out, batch_size, seed, s
 
     \b
     walt-probe dump --run runs/vwalt --data data/world --blocks 2,3 --t 0,200 --out feats.h5
-    torchrun --nproc_per_node 2 -m walt.cli.probe dump ...
+    torchrun --nproc_per_node 2 -m walt.cli.probe -- dump ...   # note the --
     """
     import torch
 

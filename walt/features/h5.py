@@ -423,7 +423,7 @@ class FeatureFile:
             try:
                 self._f = h5py.File(self.path, "r")
             except OSError as e:
-                raise FeatureFileError(f"{self.path} is truncated or corrupt ({_first_line(e)}); rerun the dump.") from None
+                raise FeatureFileError(f"{self.path} is truncated or corrupt ({_first_line(e)}); delete it and rerun the dump.") from None
         return self._f
 
     def _guard(self, fn):
@@ -431,7 +431,7 @@ class FeatureFile:
             try:
                 return fn(*a, **k)
             except OSError as e:
-                raise FeatureFileError(f"{self.path} is truncated or corrupt ({_first_line(e)}); rerun the dump.") from None
+                raise FeatureFileError(f"{self.path} is truncated or corrupt ({_first_line(e)}); delete it and rerun the dump.") from None
         return wrapped
 
     def _raw_attrs(self):
