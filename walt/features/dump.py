@@ -247,10 +247,11 @@ def _to_float16(x: torch.Tensor, key: str, ids) -> np.ndarray:
     return h.cpu().numpy()
 
 
-def _extras(samples):
+def _extras(samples, store_video=True):
+    """What a batch of samples stores beside its features: {"video", "labels", "targets"}."""
     from walt.data.transforms import denormalize
 
-    video = np.stack([denormalize(s["video"]).numpy() for s in samples])
+    video = np.stack([denormalize(s["video"]).numpy() for s in samples]) if store_video else None
     labels = collections.defaultdict(list)
     for s in samples:
         for task, v in s.get("labels", {}).items():
@@ -258,7 +259,7 @@ def _extras(samples):
     labels = {k: v for k, v in labels.items() if len(v) == len(samples)}
     targets = [{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in s.items()
                 if k not in ("video", "labels")} for s in samples]
-    return video, labels, targets
+    return {"video": video, "labels": labels, "targets": targets}
 
 
 def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, batch_size: int = 8, write: bool = True,
@@ -314,10 +315,8 @@ def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, bat
         for ids, feats in extract(backbone, batches()):
             samples = pending.popleft()
             feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
-            if writer is not None:
-                video, labels, targets = _extras(samples)
-                writer.put(ids.numpy() - lo, feats16, video=video if store_video else None, labels=labels,
-                           targets=targets)
+            if writer is not None:  # video, labels and annotations are converted in the writing thread
+                writer.put(ids.numpy() - lo, feats16, prepare=lambda s=samples: _extras(s, store_video))
             bar.update(len(ids))
         if writer is not None:
             writer.close()

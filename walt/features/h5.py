@@ -217,11 +217,14 @@ class FeatureWriter:
         return np.nonzero(~self._done)[0]
 
     # -- writing ---------------------------------------------------------------------------------
-    def put(self, index, features: dict, video=None, labels: dict | None = None, targets: list | None = None):
+    def put(self, index, features: dict, video=None, labels: dict | None = None, targets: list | None = None,
+            prepare=None):
         """Queue clips `index` (local indices, ascending) for writing: features {key: (B, ...) float16},
-        video (B, T, H, W, 3) uint8, labels {task: (B,) int}, targets [one {name: array} per clip]."""
+        video (B, T, H, W, 3) uint8, labels {task: (B,) int}, targets [one {name: array} per clip].
+        `prepare`, a callable returning {"video", "labels", "targets"}, makes them in the writing
+        thread instead (conversions that need not hold up the caller)."""
         self._raise()
-        self._queue.put((np.asarray(index, np.int64), features, video, labels or {}, targets))
+        self._queue.put((np.asarray(index, np.int64), features, video, labels or {}, targets, prepare))
         self._raise()
 
     def _raise(self):
@@ -245,8 +248,11 @@ class FeatureWriter:
             except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
                 self._error = e
 
-    def _write(self, index, features, video, labels, targets):
+    def _write(self, index, features, video, labels, targets, prepare=None):
         f = self._f
+        if prepare is not None:
+            extra = prepare()
+            video, labels, targets = extra.get("video", video), extra.get("labels", labels), extra.get("targets", targets)
         for lo, hi, off in _runs(index):
             sl = np.s_[off:off + hi - lo]
             for key, arr in features.items():
@@ -256,13 +262,31 @@ class FeatureWriter:
             for task, values in labels.items():
                 if f"labels/{task}" in f:
                     f[f"labels/{task}"][lo:hi] = np.asarray(values, np.int64)[sl]
-        for i, clip in zip(index, targets or ()):
-            for name, value in clip.items():
-                self._write_target(name, int(i), np.asarray(value))
+        self._write_targets(index, targets or [])
         f.flush()  # the clips' data is on disk before they are marked done
         f["done"][index] = True
         f.flush()
         self._done[index] = True
+
+    def _write_targets(self, index, targets):
+        """Annotations of clips `index`: one write per run of clips where every clip's array has the
+        dataset's shape (the usual case), else clip by clip (growing the dataset if needed)."""
+        names = {name for clip in targets for name in clip}
+        for name in sorted(names):
+            values = [np.asarray(clip[name]) if name in clip else None for clip in targets]
+            ds = self._f.get(f"targets/{name}")
+            if ds is None and all(v is not None for v in values):
+                self._write_target(name, int(index[0]), values[0])  # creates it
+                ds = self._f.get(f"targets/{name}")
+            if ds is not None and all(v is not None and v.shape == ds.shape[1:] and v.dtype.kind in "biuf"
+                                      for v in values):
+                stacked = np.stack(values).astype(ds.dtype, copy=False)
+                for lo, hi, off in _runs(index):
+                    ds[lo:hi] = stacked[off:off + hi - lo]
+                continue
+            for i, v in zip(index, values):
+                if v is not None:
+                    self._write_target(name, int(i), v)
 
     def _write_target(self, name, i, value):
         f = self._f
