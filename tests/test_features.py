@@ -244,3 +244,29 @@ def test_dump_reads_images_and_tapvid(tiny, tmp_path):
     assert np.isnan(tracks[1, 1]).all() and not ff.target("visible")[1, 1].any()  # padding
     with h5py.File(tmp_path / "tap.h5") as f:
         assert f["video"].shape == (2, 5, 16, 16, 3)
+
+
+def test_dump_reads_labelled_videos_and_an_rgbd_sequence(tiny, tmp_path):
+    from walt.data.readers import CASTLE_SIMU_DIR
+    from walt.diffusion.media import write_mp4
+
+    for name, level in (("a.mp4", -0.5), ("b.mp4", 0.5)):
+        write_mp4(str(tmp_path / name), torch.full((1, 9, 3, 24, 40), level))  # 9 frames of 24 x 40
+    (tmp_path / "labels.csv").write_text("path,label\na.mp4,dark\nb.mp4,bright\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["dump", "--run", tiny["video"], "--data", str(tmp_path / "labels.csv"), "--blocks", "1",
+                              "--t", "0", "--out", str(tmp_path / "vid.h5")])
+    assert res.exit_code == 0, res.output
+    ff = FeatureFile(tmp_path / "vid.h5", expect={"data_format": "videos", "video_size": [5, 16, 16]})
+    assert ff.labels("class").tolist() == [1, 0] and ff.class_names("class") == ("bright", "dark")
+    assert ff.video().shape == (2, 5, 16, 16, 3) and ff.video()[0].mean() < ff.video()[1].mean()
+    if not os.path.isdir(CASTLE_SIMU_DIR):
+        pytest.skip(f"no RGB-D sequence at {CASTLE_SIMU_DIR} (Debian package visp-images-data)")
+    res = runner.invoke(cli, ["dump", "--run", tiny["video"], "--data", CASTLE_SIMU_DIR, "--blocks", "1", "--t", "0",
+                              "--limit", "1", "--out", str(tmp_path / "rgbd.h5")])
+    assert res.exit_code == 0, res.output
+    ff = FeatureFile(tmp_path / "rgbd.h5", expect={"data_format": "rgbd"})
+    assert ff.target_names == ["cam_to_world", "depth", "intrinsics"]
+    assert ff.target("depth").shape == (1, 5, 16, 16) and ff.target("cam_to_world").shape == (1, 5, 4, 4)
+    K = ff.target("intrinsics")[0, 0]  # 640 x 480 scaled by 1/30 to 21.3 x 16, then the centre 16 x 16
+    assert 0 < K[0, 2] < 16 and 0 < K[1, 2] < 16
