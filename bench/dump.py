@@ -21,7 +21,7 @@ import torch
 
 
 def make_runs(root, clips, size=32, frames=17):
-    from walt.config import merge, resolve, RunConfig, to_yaml
+    from walt.config import RunConfig, merge, resolve, to_yaml
     from walt.data.store import generate
     from walt.data.world import WorldConfig
     from walt.models import CausalVAE
@@ -101,7 +101,7 @@ def main():
         size_mib = sizes[-1] / 2**20
     finally:
         shutil.rmtree(tmp)
-    info = subprocess.run([sys.executable, "-m", "walt.info"], capture_output=True, text=True).stdout
+    info = subprocess.run([sys.executable, "-m", "walt.info"], capture_output=True, text=True, check=False).stdout
     cpu = next((line.strip() for line in info.splitlines() if line.strip().startswith("cpu_features")), "cpu_features: ?")
     print(f"dump of {len(clips)} clips {'x'.join(map(str, size))}, features {backbone.keys}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads; file {size_mib:.1f} MiB")

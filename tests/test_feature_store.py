@@ -10,11 +10,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from backends import one_thread  # noqa: F401  (autouse)
 from test_features import make_tiny_runs
+
 from walt.data.store import WorldStore
-from walt.features import FeatureFile, FeatureFileError, FeatureWriteError, FeatureWriter
+from walt.features import (
+    FeatureFile,
+    FeatureFileError,
+    FeatureWriteError,
+    FeatureWriter,
+)
 from walt.features.dump import PreparedClips, dump, load_backbone
 from walt.features.extract import Backbone
 from walt.features.h5 import feature_chunks, shard_path
@@ -212,7 +217,7 @@ def test_two_ranks_write_what_one_process_writes(tiny, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "walt.cli.probe",
            "--", "dump", "--run", tiny["video"], "--data", tiny["world"], "--blocks", "0,1", "--t", "0,200", "--out", two,
            "--batch-size", "2", "--device", "cpu"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert os.path.exists(shard_path(two, 0, 2)) and os.path.exists(shard_path(two, 1, 2))
     assert_same_contents(one, two)

@@ -16,7 +16,7 @@ from walt.cli.probe import main as cli
 from walt.data.modes import latents_for
 from walt.data.store import WorldStore, generate
 from walt.data.world import WorldConfig
-from walt.features import Backbone, FeatureFile, FeatureFileError, extract
+from walt.features import FeatureFile, FeatureFileError, extract
 from walt.features.dump import PreparedClips, load_backbone
 from walt.models import WALT
 

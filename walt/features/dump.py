@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from walt.features.extract import Backbone
-from walt.features.h5 import FeatureFile, FeatureFileError, FeatureWriter, check_same_dump, join_shards, rank_slice, shard_path
+from walt.features.h5 import (
+    FeatureFile,
+    FeatureFileError,
+    FeatureWriter,
+    check_same_dump,
+    join_shards,
+    rank_slice,
+    shard_path,
+)
 
 FORMATS = ("world", "tapvid", "videos", "images", "rgbd")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -31,7 +39,7 @@ def git_sha() -> str:
     """The commit of the walt checkout this runs from, or "unknown"."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        res = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        res = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
         return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

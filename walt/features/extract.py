@@ -167,4 +167,4 @@ def extract(backbone: Backbone, batches):
         yield ids, {k: torch.stack([c[k] for c in per_clip]) for k in per_clip[0]}
 
 
-__all__ = ["Backbone", "KINDS", "LATENT", "check_blocks", "check_timesteps", "extract", "feature_key"]
+__all__ = ["KINDS", "LATENT", "Backbone", "check_blocks", "check_timesteps", "extract", "feature_key"]

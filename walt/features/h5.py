@@ -209,6 +209,8 @@ class FeatureWriter:
                                      compression="lzf")
             os.replace(tmp, self.path)
         except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
             raise FeatureWriteError(f"cannot create {self.path} ({_first_line(e)}).") from None
 
     # -- state -----------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def join_shards(out: str, shards: list[str]) -> str:
             f.attrs["shards"] = [os.path.relpath(os.path.abspath(p), folder) for p in shards]
             f.create_dataset("frame_index", data=first.frame_index)
             for name in sorted(names - {"frame_index"}):
-                dss = [ff._file()[name] if name in ff._file() else None for ff in files]
+                dss = [ff._file().get(name) for ff in files]
                 ref = next(d for d in dss if d is not None)
                 tail = tuple(max(d.shape[k] for d in dss if d is not None) for k in range(1, ref.ndim))
                 layout = h5py.VirtualLayout(shape=(n, *tail), dtype=ref.dtype)
@@ -576,5 +578,15 @@ class FeatureFile:
         return self._guard(_read_rows)(self._file()[f"targets/{name}"], index)
 
 
-__all__ = ["FORMAT", "check_same_dump", "FeatureFile", "FeatureFileError", "FeatureWriteError", "FeatureWriter", "feature_chunks",
-           "join_shards", "rank_slice", "shard_path"]
+__all__ = [
+    "FORMAT",
+    "FeatureFile",
+    "FeatureFileError",
+    "FeatureWriteError",
+    "FeatureWriter",
+    "check_same_dump",
+    "feature_chunks",
+    "join_shards",
+    "rank_slice",
+    "shard_path",
+]
