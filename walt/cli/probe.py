@@ -57,7 +57,7 @@ def main():
 @click.option("--t", "timesteps", default=None, metavar="LIST",
               help="Timesteps in [0, 999], e.g. 0,200 (t = 0: the schedule's first index, practically clean).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Feature file to write (resumed if it exists).")
-@click.option("--batch-size", default=8, show_default=True, help="Clips loaded, noised and written together.")
+@click.option("--batch-size", default=8, show_default=True, help="Clips loaded and written together (features do not depend on it).")
 @click.option("--seed", default=0, show_default=True, help="Noise seed (a clip's noise is keyed by its index in DATA).")
 @click.option("--step", type=int, default=None, help="Use the run's EMA snapshot kept at this training step.")
 @click.option("--limit", type=int, default=None, help="Dump only the first N clips.")
