@@ -94,6 +94,10 @@ def _fmt(x, std=None):
     return s if std is None else f"{s} ± {std:.3f}"
 
 
+def _pct(x):
+    return f"{x:.1f}%" if x is not None and np.isfinite(x) else "–"
+
+
 def compare(results):
     """{task: verdict row} for the tasks both models were probed on."""
     rows = {}
@@ -196,8 +200,8 @@ def write_report(out_dir: str, results: dict) -> str:
     for task, r in rows.items():
         arrow = "↑" if r["higher_is_better"] else "↓"
         lines.append(f"| {task} | {r['metric']} {arrow} | {_fmt(r['iwalt'], r['iwalt_std'])} | "
-                     f"{_fmt(r['vwalt'], r['vwalt_std'])} | {_fmt(r['v_rel_i'])}% | "
-                     f"{_fmt(r['ci_low'])}–{_fmt(r['ci_high'])}% | {'yes' if r['beats_seed_spread'] else 'no'} | "
+                     f"{_fmt(r['vwalt'], r['vwalt_std'])} | {_pct(r['v_rel_i'])} | "
+                     f"{_pct(r['ci_low'])} – {_pct(r['ci_high'])} | {'yes' if r['beats_seed_spread'] else 'no'} | "
                      f"{r['verdict']} |")
     lines += ["", "Scores are the mean ± standard deviation over %d readout seeds; V rel. I is V/I for "
               "higher-is-better metrics and I/V for errors (above 100%% = V-WALT better), with a 95%% paired "

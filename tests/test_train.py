@@ -411,8 +411,10 @@ def test_snapshots_are_kept_survive_a_kill_and_load_by_step(tmp_path, ae_run):
     with pytest.raises(FileNotFoundError, match=r"no snapshot at step 4; it has \[3, 6\]"):
         runs.load_transformer(full, step=4)
 
-    # The untrained control is the run's own initial weights: a run with lr 0 never moves them.
-    frozen = run("diffusion", tiny_sets(tmp_path / "frozen", ae_run, steps=1, **{"train.lr": 0.0, "train.num_samples": 0}))
+    # The untrained control is the run's own initial weights: a run whose optimizer never steps keeps them.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)
+        frozen = run("diffusion", tiny_sets(tmp_path / "frozen", ae_run, steps=1, **{"train.num_samples": 0}))
     untrained, _ = runs.load_transformer(frozen, weights=False)
     assert_bitwise_equal(untrained.state_dict(), weights(frozen))
     assert not torch.equal(untrained.state_dict()["blocks.0.attn.qkv.weight"], weights(full)["blocks.0.attn.qkv.weight"])

@@ -251,7 +251,7 @@ def validate(cfg):
 
     m = cfg.model
     choice("model.mode", m.mode, ("video", "image"))
-    choice("model.attention_backend", m.attention_backend, ("fused", "reference"))
+    choice("model.attention_backend", m.attention_backend, ("fused", "torch"))
     for key in ("latent_channels", "patch_size", "depth", "width", "heads"):
         integer(f"model.{key}", getattr(m, key), 1)
     integer("model.lora_rank", m.lora_rank, 0)
@@ -279,7 +279,7 @@ def validate(cfg):
     number("diffusion.beta_start", f.beta_start, 0, 1, low_open=True, high_open=True)
     number("diffusion.beta_end", f.beta_end, 0, 1, low_open=True, high_open=True)
     number("diffusion.self_cond_prob", f.self_cond_prob, 0, 1)
-    choice("diffusion.noise_backend", f.noise_backend, ("fused", "reference"))
+    choice("diffusion.noise_backend", f.noise_backend, ("fused", "torch"))
     integer("diffusion.sample_steps", f.sample_steps, 1, f.num_steps)
 
     e = cfg.ae_loss

@@ -117,9 +117,10 @@ class Study:
         if os.path.exists(self.stage_file):
             with open(self.stage_file) as f:
                 saved = json.load(f)
-            if saved.get("preset") != dataclasses.asdict(self.p):
+            mine = json.loads(json.dumps(dataclasses.asdict(self.p)))  # as saved: tuples become lists
+            if saved.get("preset") != mine:
                 raise ValueError(f"{self.out} holds a study of another preset or settings; use a new --out "
-                                 f"(differs in {_differing(saved.get('preset', {}), dataclasses.asdict(self.p))}).")
+                                 f"(differs in {_differing(saved.get('preset', {}), mine)}).")
             self.stages = saved["stages"]
 
     def _save_stages(self):
@@ -457,11 +458,11 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def preset_with(name: str, **changes) -> StudyPreset:
+def preset_with(base: str, **changes) -> StudyPreset:
     """A named preset with some fields replaced (for tests and small experiments)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown study preset {name!r}; expected one of {sorted(PRESETS)}.")
-    return dataclasses.replace(PRESETS[name], **changes)
+    if base not in PRESETS:
+        raise ValueError(f"unknown study preset {base!r}; expected one of {sorted(PRESETS)}.")
+    return dataclasses.replace(PRESETS[base], **changes)
 
 
 __all__ = ["PRESETS", "Study", "StudyPreset", "TASKS", "preset_with"]

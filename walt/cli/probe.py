@@ -1,10 +1,13 @@
-"""walt-probe: dump frozen features of a WALT run, look at them, and (later) fit probes on them.
+"""walt-probe: dump frozen features of WALT runs, look at them, fit probes on them, run the study.
 
     walt-probe dump --run runs/vwalt --data data/world --split test --blocks 2,3 --t 0,200 --out feats/v.h5
     walt-probe dump --run random:runs/vwalt ...        # untrained control (initial weights)
     walt-probe dump --run latents:runs/vwalt ...       # autoencoder-latent control
     torchrun --nproc_per_node 2 -m walt.cli.probe -- dump ...  # one shard per rank, joined into --out
     walt-probe pca --features feats/v.h5 --features feats/i.h5 --key t0200/b02 --clips 0,1 --out pca.png --gif pca.gif
+    walt-probe fit --train f/train.h5 --val f/val.h5 --test f/test.h5 --key t0200/b02 --out probes/v
+    walt-probe eval --readouts probes/v --features other.h5 --key t0200/b02
+    walt-probe study [--preset quick] [--out study]      # the whole V-WALT vs I-WALT study
 
 Blocks are 0-based everywhere in walt (the paper's "l = 11-16" are blocks 10-15). Under torchrun,
 the `--` before the command keeps torchrun's own parser away from the command's options (it would
@@ -38,7 +41,8 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """Features of WALT runs: dump them to HDF5, visualise them, fit probes on them."""
+    """Features of WALT runs: dump them to HDF5, visualise them, fit and evaluate probes on them, and
+    run the whole V-WALT vs I-WALT study."""
 
 
 # ----------------------------------------------------------------------------- dump
@@ -240,6 +244,199 @@ def pca(paths, key, clips, out, gif, zoom):
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot write {gif if gif and os.path.exists(out) else out} ({e}).") from None
     click.echo(f"{out}{' and ' + gif if gif else ''}: PCA of {key} for clips {index} of {', '.join(paths)}")
+
+
+
+# ----------------------------------------------------------------------------- fit / eval
+def _splits_of(train, val, test, key, stream):
+    from probes.features import FeatureSplit, load_split
+
+    read = (lambda p: FeatureSplit(p, key)) if stream else (lambda p: load_split(p, key))
+    return [read(p) for p in (train, val, test)]
+
+
+def _floats(text, what):
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"{what} expects comma-separated numbers, got {text!r}.") from None
+
+
+@main.command()
+@click.option("--train", "train_path", required=True, type=click.Path(dir_okay=False), help="Features of the training clips.")
+@click.option("--val", "val_path", required=True, type=click.Path(dir_okay=False), help="Features of the validation clips (choose the lr).")
+@click.option("--test", "test_path", required=True, type=click.Path(dir_okay=False), help="Features of the test clips (report).")
+@click.option("--key", required=True, help="Feature to read, e.g. t0200/b02 (0-based block) or latent.")
+@click.option("--tasks", default="all", show_default=True,
+              help="Comma-separated tasks (object, scene, texture, appearance, motion, depth, camera_pose, "
+                   "point_tracking, box_tracking), or all: every task the files have labels or annotations for.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for <task>.json and <task>.safetensors.")
+@click.option("--lrs", default="1e-4,3e-4,1e-3,3e-3", show_default=True, help="Learning rates trained together.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Readout seeds trained together.")
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--width", default=64, show_default=True, help="Readout width.")
+@click.option("--stream", is_flag=True, help="Read features from the files per batch instead of loading them into memory.")
+def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, batch_size, width, stream):
+    """Fit readouts on cached features: a grid of learning rates x seeds in one pass over the
+    data, the best lr chosen on --val, every metric reported on --test.
+
+    \b
+    walt-probe fit --train f/train.h5 --val f/val.h5 --test f/test.h5 --key t0200/b02 --out probes/v
+    """
+    import json
+
+    from probes.features import FeatureSplit
+    from probes.fit import fit as fit_grid
+    from probes.tasks import TASKS, get_task
+    from walt.features.h5 import FeatureFile, FeatureFileError
+    from walt.runs import sha256
+
+    lr_list = _floats(lrs, "--lrs")
+    seed_list = parse_ints(seeds, "--seeds")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--width", width)):
+        if value < 1:
+            raise click.UsageError(f"{name} must be at least 1, got {value}.")
+    if not lr_list or any(lr <= 0 for lr in lr_list):
+        raise click.UsageError(f"--lrs must be positive learning rates, got {lrs!r}.")
+    try:
+        probe = FeatureSplit(train_path, key)
+        with FeatureFile(val_path) as v, FeatureFile(test_path) as t:
+            for ff in (v, t):  # the three splits must come from the same model and feature
+                ff.check({k: probe.file.attrs[k] for k in ("kind", "mode", "checkpoint_sha256", "config")})
+                ff.shape(key)
+        names = list(TASKS) if tasks == "all" else [x.strip() for x in tasks.split(",") if x.strip()]
+        chosen = []
+        for name in names:
+            task = get_task(name)
+            why = task.missing({**probe.get_batch([0]), "frame_index": probe.frame_index})
+            if why and tasks != "all":
+                raise click.ClickException(f"{why} in {train_path}.")
+            if not why:
+                chosen.append(task)
+        if not chosen:
+            raise click.ClickException(f"{train_path} has the labels or annotations of no task in {names}.")
+        splits = _splits_of(train_path, val_path, test_path, key, stream)
+    except (FeatureFileError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    os.makedirs(out, exist_ok=True)
+    attrs = probe.file.attrs
+    source = {"train": os.path.abspath(train_path), "val": os.path.abspath(val_path), "test": os.path.abspath(test_path),
+              "train_sha256": sha256(train_path), "val_sha256": sha256(val_path), "test_sha256": sha256(test_path),
+              "key": key, "model": {k: attrs.get(k) for k in ("run", "kind", "mode", "step", "checkpoint_sha256")}}
+    for task in chosen:
+        result = fit_grid(task, *splits, lrs=lr_list, seeds=seed_list, epochs=epochs, batch_size=batch_size,
+                          width=width, progress=sys.stderr.isatty(), return_readout=True)
+        readout = result.pop("readout")
+        result["features"] = source
+        _save_readout(os.path.join(out, f"{task.name}.safetensors"), readout, result, width)
+        with open(os.path.join(out, f"{task.name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        p = task.primary
+        click.echo(f"{task.name}: test {p} {result['test']['mean'][p]:.4f} ± {result['test']['std'][p]:.4f} "
+                   f"(lr {sorted(set(result['chosen_lr'].values()))}, seeds {seed_list}) -> {out}/{task.name}.json")
+
+
+def _save_readout(path, readout, result, width):
+    """The fitted group's weights, with what is needed to rebuild it and which member each seed chose."""
+    import json
+
+    from walt.train.checkpoint import export_safetensors
+
+    members = [(lr, s) for lr in result["lrs"] for s in result["seeds"]]
+    chosen = {s: members.index((result["chosen_lr"][s], int(s))) for s in result["chosen_lr"]}
+    export_safetensors(path, readout, {"task": result["task"], "spec": json.dumps(result["spec"]), "width": str(width),
+                                       "members": json.dumps(members), "chosen": json.dumps(chosen)})
+
+
+@main.command("eval")
+@click.option("--readouts", required=True, type=click.Path(file_okay=False), help="A `walt-probe fit` output directory.")
+@click.option("--features", "path", required=True, type=click.Path(dir_okay=False), help="Features to evaluate on.")
+@click.option("--key", required=True, help="Feature to read (as fitted), e.g. t0200/b02.")
+@click.option("--tasks", default="all", show_default=True, help="Comma-separated tasks, or all fitted ones.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON (default: print only).")
+def eval_(readouts, path, key, tasks, out):
+    """Evaluate fitted readouts (each seed's chosen learning rate) on another feature file."""
+    import json
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from probes.features import load_split
+    from probes.fit import predict
+    from probes.tasks import get_task
+    from walt.features.h5 import FeatureFileError
+
+    names = sorted(f[:-len(".safetensors")] for f in os.listdir(readouts) if f.endswith(".safetensors")) \
+        if os.path.isdir(readouts) else []
+    if tasks != "all":
+        wanted = [x.strip() for x in tasks.split(",") if x.strip()]
+        missing = [t for t in wanted if t not in names]
+        if missing:
+            raise click.ClickException(f"{readouts} holds no fitted readout for {missing}; it has {names or 'none'}.")
+        names = wanted
+    if not names:
+        raise click.ClickException(f"{readouts} holds no fitted readouts (<task>.safetensors from `walt-probe fit`).")
+    try:
+        data = load_split(path, key)
+    except (FeatureFileError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    results = {}
+    for name in names:
+        task = get_task(name)
+        file = os.path.join(readouts, f"{name}.safetensors")
+        with safe_open(file, "pt") as f:
+            meta = f.metadata()
+        spec, members, chosen = (json.loads(meta[k]) for k in ("spec", "members", "chosen"))
+        spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+        why = task.missing(data)
+        if why:
+            raise click.ClickException(f"{why} in {path}.")
+        readout = task.build(spec, width=int(meta["width"]), seeds=[s for _, s in members])
+        readout.load_state_dict(load_file(file))
+        with torch.no_grad():
+            outs, targets = predict(task, readout, data, spec)
+        per_seed = {}
+        for s, g in chosen.items():
+            member = tuple(o[g] for o in outs) if isinstance(outs, tuple) else outs[g]
+            per_seed[s] = task.score(task.metrics(member, targets, spec))
+        mean = {k: float(np.mean([v[k] for v in per_seed.values()])) for k in next(iter(per_seed.values()))}
+        results[name] = {"per_seed": per_seed, "mean": mean, "features": os.path.abspath(path), "key": key}
+        click.echo(f"{name}: {task.primary} {mean[task.primary]:.4f} on {path}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- study
+@main.command()
+@click.option("--preset", default="quick", show_default=True, help="quick (2-core CPU, under 30 min) or gpu (hours).")
+@click.option("--out", default="study", show_default=True, type=click.Path(file_okay=False), help="Study directory.")
+def study(preset, out):
+    """The whole study on the built-in world: data -> autoencoder -> I-WALT and V-WALT (same budget)
+    -> features (+ untrained and latent controls) -> readouts for every task -> OUT/report.md.
+
+    Every stage is skipped when its outputs exist, so an interrupted study resumes where it stopped.
+    """
+    import logging
+
+    from walt.study import PRESETS, Study
+
+    if preset not in PRESETS:
+        raise click.UsageError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("walt.study")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        report = Study(out, PRESETS[preset]).run()
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {report}")
 
 
 if __name__ == "__main__":

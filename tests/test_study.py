@@ -1,0 +1,81 @@
+"""The study end to end at miniature size: every stage through the same entry point, the report's
+structure and finite values, and resuming (a rerun skips every finished stage and changes nothing)."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from walt.study import Study, preset_with
+
+TINY = {"train.steps": 4, "train.batch_size": 4, "train.warmup_steps": 1, "train.ckpt_every": 2, "train.log_every": 1,
+        "model.depth": 2, "model.width": 32, "model.heads": 2, "autoencoder.base_channels": 8, "autoencoder.groups": 8,
+        "ae_loss.stats_batches": 1, "train.threads": 1}
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    p = preset_with(
+        "quick", name="mini", about="a test", world=dict(seed=0, frames=5, height=16, width=16, textures="procedural",
+                                                         track_points=4),
+        splits=dict(train=8, val=4, test=4), autoencoder=TINY,
+        diffusion={**TINY, "train.steps": 5, "train.keep_every": [0.4, 1.0], "train.num_samples": 2,
+                   "diffusion.sample_steps": 2},
+        main_block=1, noise_sweep=(0, 200), tasks=("object", "motion", "depth", "camera_pose", "point_tracking",
+                                                  "box_tracking"),
+        sweep_tasks=("motion",), seeds=(0, 1), lrs=(1e-3, 3e-3), epochs=1, batch_size=4, width=16, pca_clips=2,
+        workers=1)
+    out = tmp_path_factory.mktemp("study")
+    report = Study(str(out), p).run()
+    return p, str(out), report
+
+
+def test_the_report_has_every_part_and_finite_values(mini):
+    p, out, report = mini
+    text = open(report).read()
+    for heading in ("## Answer", "## Per task", "## Controls", "## Noise sweep", "## Block sweep",
+                    "## Training-budget sweep", "## Training", "## Environment and wall time"):
+        assert heading in text, heading
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert set(res["comparison"]) == set(p.tasks)
+    for task, row in res["comparison"].items():
+        for k in ("iwalt", "vwalt"):
+            assert np.isfinite(row[k]), (task, k)
+        denominator = row["iwalt"] if row["higher_is_better"] else row["vwalt"]
+        assert np.isfinite(row["v_rel_i"]) == (denominator != 0), task  # undefined only against a zero score
+        assert row["verdict"] in ("V-WALT better", "I-WALT better", "no clear difference")
+    for task, fits in res["main"].items():  # both models and all four controls, each with every seed
+        assert set(fits) == {"vwalt", "iwalt", "random_vwalt", "random_iwalt", "latents_vwalt", "latents_iwalt"}
+        assert all(len(f["test_per_clip"]) == 2 and len(f["test_per_clip"]["0"]) == 4 for f in fits.values())
+    assert set(res["noise_sweep"]["motion"]["vwalt"]) == {"0", "200"}
+    assert set(res["block_sweep"]["motion"]["iwalt"]) == {"0", "1"}
+    assert set(res["budget_sweep"]["motion"]["vwalt"]) == {"2", "5"}  # the kept snapshots: 40% and 100%
+    assert res["tokens_per_step"]["vwalt"] == res["tokens_per_step"]["iwalt"]
+    for m in ("vwalt", "iwalt"):
+        assert np.isfinite(res["diffusion_loss"][m]["trained"]) and np.isfinite(res["diffusion_loss"][m]["untrained"])
+    for name in ("v_vs_i", "noise_sweep", "block_sweep", "budget_sweep", "training_curves", "pca", "samples_vwalt"):
+        assert os.path.getsize(os.path.join(out, "figures", f"{name}.png")) > 1000, name
+
+
+def test_a_rerun_skips_finished_stages_and_reproduces_the_numbers(mini):
+    p, out, _ = mini
+    before = json.load(open(os.path.join(out, "results.json")))
+    stages = json.load(open(os.path.join(out, "stages.json")))["stages"]
+    Study(out, p).run()
+    after = json.load(open(os.path.join(out, "results.json")))
+    assert json.load(open(os.path.join(out, "stages.json")))["stages"]["features"] == stages["features"]
+    assert after["comparison"] == before["comparison"]
+
+
+def test_another_preset_in_the_same_directory_is_refused(mini):
+    p, out, _ = mini
+    with pytest.raises(ValueError, match="another preset"):
+        Study(out, preset_with("quick", name="other")).run()
+
+
+def test_the_cli_refuses_an_unknown_preset(tmp_path):
+    from walt.cli.probe import main
+
+    r = CliRunner().invoke(main, ["study", "--preset", "huge", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--preset must be one of" in r.output
