@@ -79,3 +79,43 @@ def test_the_cli_refuses_an_unknown_preset(tmp_path):
 
     r = CliRunner().invoke(main, ["study", "--preset", "huge", "--out", str(tmp_path / "s")])
     assert r.exit_code == 2 and "--preset must be one of" in r.output
+
+
+def test_cli_fit_then_eval_reproduces_the_test_scores(mini, tmp_path):
+    from walt.cli.probe import main
+
+    _, out, _ = mini
+    f = lambda name, split: os.path.join(out, "features", name, f"{split}.h5")  # noqa: E731
+    args = ["fit", "--train", f("vwalt", "train"), "--val", f("vwalt", "val"), "--test", f("vwalt", "test"),
+            "--key", "t0200/b01", "--tasks", "object,depth,point_tracking", "--lrs", "1e-3,3e-3", "--seeds", "0,1",
+            "--epochs", "1", "--batch-size", "4", "--width", "16", "--out", str(tmp_path / "fit")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    res = json.load(open(tmp_path / "fit" / "depth.json"))
+    assert {"abs_rel", "d1", "rmse"} <= set(res["test"]["mean"]) and len(res["features"]["test_sha256"]) == 64
+    assert res["features"]["model"]["kind"] == "walt" and res["features"]["key"] == "t0200/b01"
+    r = CliRunner().invoke(main, ["eval", "--readouts", str(tmp_path / "fit"), "--features", f("vwalt", "test"),
+                                  "--key", "t0200/b01", "--out", str(tmp_path / "eval.json")])
+    assert r.exit_code == 0, r.output
+    again = json.load(open(tmp_path / "eval.json"))
+    for task in ("object", "depth", "point_tracking"):
+        fitted = json.load(open(tmp_path / "fit" / f"{task}.json"))["test"]["per_seed"]
+        for seed, scores in fitted.items():
+            for k, v in scores.items():
+                assert again[task]["per_seed"][seed][k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), (task, k)
+
+
+def test_cli_fit_refuses_mixed_models_and_missing_annotations(mini, tmp_path):
+    from walt.cli.probe import main
+
+    _, out, _ = mini
+    f = lambda name, split: os.path.join(out, "features", name, f"{split}.h5")  # noqa: E731
+    base = ["fit", "--train", f("vwalt", "train"), "--test", f("vwalt", "test"), "--key", "t0200/b01",
+            "--out", str(tmp_path / "x")]
+    r = CliRunner().invoke(main, base + ["--val", f("iwalt", "val")])
+    assert r.exit_code == 1 and "mode=" in r.output and "expected" in r.output
+    r = CliRunner().invoke(main, base + ["--val", f("vwalt", "val"), "--tasks", "texture"])
+    assert r.exit_code == 1 and "task 'texture' is unavailable" in r.output
+    r = CliRunner().invoke(main, base + ["--val", f("vwalt", "val"), "--key", "t0999/b01"])
+    assert r.exit_code == 1 and "has no features 't0999/b01'" in r.output
+    assert not os.path.exists(tmp_path / "x")
