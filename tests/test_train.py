@@ -377,7 +377,8 @@ def test_each_mode_trains_on_its_own_latent_statistics(tmp_path, ae_run, monkeyp
     real = diffusion.latents_for
     monkeypatch.setattr(diffusion, "latents_for", lambda mode, vae, video: seen.append((mode, video.shape)) or real(mode, vae, video))
     for mode in ("video", "image"):
-        run("diffusion", tiny_sets(tmp_path / mode, ae_run, steps=1, **{"model.mode": mode, "train.num_samples": 0}))
+        run("diffusion", tiny_sets(tmp_path / mode, ae_run, steps=1, **{"model.mode": mode, "train.num_samples": 0,
+                                                                         "train.cache_latents": False}))
     assert seen == [("video", (4, 5, 3, 16, 16)), ("image", (8, 1, 3, 16, 16))]
 
 
@@ -387,7 +388,8 @@ def test_video_mode_image_steps_take_single_frames(tmp_path, ae_run, monkeypatch
     shapes = []
     real = diffusion.latents_for
     monkeypatch.setattr(diffusion, "latents_for", lambda mode, vae, video: shapes.append(tuple(video.shape)) or real(mode, vae, video))
-    out = run("diffusion", tiny_sets(tmp_path, ae_run, steps=8, **{"train.image_fraction": 0.5, "train.num_samples": 0}))
+    out = run("diffusion", tiny_sets(tmp_path, ae_run, steps=8, **{"train.image_fraction": 0.5, "train.num_samples": 0,
+                                                                   "train.cache_latents": False}))
     assert set(shapes) == {(4, 5, 3, 16, 16), (8, 1, 3, 16, 16)}  # clip steps and image steps, same tokens
     assert {json.loads(x)["tokens_per_step"] for x in open(os.path.join(out, "metrics.jsonl"))} == {4 * 2 * 16}
     with pytest.raises(ValueError, match="image_fraction"):
@@ -600,3 +602,27 @@ def test_a_write_error_ends_in_one_sentence_and_keeps_what_was_written(tmp_path)
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["video", "image"])
+def test_cached_latents_are_what_latents_for_gives_in_the_dataset_order(tmp_path, ae_run, mode):
+    from walt.data.modes import latents_for
+    from walt.train.diffusion import DiffusionTask
+    from walt.train.distributed import setup
+
+    cfg = resolve("cpu", sets=tiny_sets(tmp_path, ae_run, **{"model.mode": mode}), extra={"stage": "diffusion"})
+    assert cfg.train.cache_latents  # the CPU preset caches
+    task = DiffusionTask(cfg, setup("cpu"))
+    clips = MovingShapes(8, 5, 16)
+    n = 8 * 5 if mode == "image" else 8
+    assert len(task.dataset) == n and task.dataset.shape[1:] == ((1,) if mode == "image" else (2,)) + (4, 4, 8)
+    with torch.no_grad():
+        for j in (0, 3, n - 1):
+            if mode == "image":
+                want = latents_for("image", task.vae, clips[j // 5]["video"][None, j % 5 : j % 5 + 1])[0]
+            else:
+                want = latents_for("video", task.vae, clips[j]["video"][None])[0]
+            torch.testing.assert_close(task.dataset[j], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_latents"):
+        DiffusionTask(resolve("cpu", sets=tiny_sets(tmp_path, ae_run, **{"train.image_fraction": 0.5}),
+                              extra={"stage": "diffusion"}), setup("cpu"))

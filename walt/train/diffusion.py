@@ -51,8 +51,25 @@ class DiffusionTask:
             raise ValueError(f"train.image_fraction must be in [0, 1] and is for video mode only, got {tc.image_fraction}")
         image_mode = self.mode == "image"
         self.dataset = FrameDataset(clips, T) if image_mode else clips
+        self.cached = tc.cache_latents
+        if self.cached:
+            if tc.image_fraction > 0:
+                raise ValueError("train.cache_latents caches one mode's latents; it cannot be used with train.image_fraction > 0")
+            self.dataset = self._encode_all(clips, image_mode)
+            self.collate = torch.stack
         # Examples per step: I-WALT with matched tokens takes T' frames for each clip V-WALT takes.
         self.batch_size = tc.batch_size * (self.clip_latent_frames if image_mode and tc.match_tokens else 1)
+
+    @torch.no_grad()
+    def _encode_all(self, clips, image_mode, batch=16):
+        """Every clip's latents as `latents_for` gives them, in the order of the uncached dataset: clips,
+        or (I-WALT) frame j % T of clip j // T as a 1-frame latent."""
+        parts = []
+        for first in range(0, len(clips), batch):
+            video = torch.stack([clip_of(clips[i]) for i in range(first, min(first + batch, len(clips)))])
+            z = latents_for(self.mode, self.vae, video.to(self.dist.device))
+            parts.append(z.reshape(-1, 1, *z.shape[2:]) if image_mode else z)
+        return torch.cat(parts).cpu()
 
     def _image_step(self, step):
         f = self.cfg.train.image_fraction
@@ -71,8 +88,11 @@ class DiffusionTask:
     def loss(self, model, video, step, keys):
         if self._image_step(step):
             video, keys = self._frames_of(video, keys)
-        with torch.no_grad():  # fp32 targets even under bf16 autocast
-            x0 = latents_for(self.mode, self.vae, video)
+        if self.cached:
+            x0 = video  # the batch already holds the latents
+        else:
+            with torch.no_grad():  # fp32 targets even under bf16 autocast
+                x0 = latents_for(self.mode, self.vae, video)
         raw = model.module if hasattr(model, "module") else model
         raw = getattr(raw, "_orig_mod", raw)
         loss = self.diffusion.loss(model, x0, seed=self.cfg.train.seed, keys=keys, estimator=raw)  # keys stay on the CPU

@@ -340,7 +340,8 @@ def _train_locked(cfg, task, dist, resume, stop_after):
     sampler = StepBatches(len(task.dataset), batch_size, tc.seed, start, dist.rank, dist.world)
     keep = snapshot_steps(tc.keep_every, tc.steps) if ema is not None else set()
     loader = torch.utils.data.DataLoader(
-        task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
+        task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=getattr(task, "collate", collate),
         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
     )
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
