@@ -22,7 +22,9 @@ for input frame f attend only to the h * w tokens of the latent frame covering f
 ``frame_index[j] >= f`` (``covering_frames``). For V-WALT, latent frame 0 covers input frame 0 and
 latent frame j >= 1 covers frames frame_index[j-1] + 1 .. frame_index[j]; for I-WALT frame f is
 latent frame f. So both models predict frame f from the features that stand for frame f, and the
-cost of a per-frame readout grows with the number of frames, not with its square.
+cost of a per-frame readout grows with the number of frames, not with its square. A per-frame
+readout has frames x queries-per-frame queries per clip, and their MLP is most of its work, so its
+MLP is D wide (``mlp_ratio`` = 1; 4 for the clip-level readouts).
 
 **Groups.** A readout object holds G independent readouts of the same architecture (``seeds``:
 one per member; readout i is initialised from ``torch.Generator().manual_seed(seeds[i])`` alone,
