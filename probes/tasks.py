@@ -129,9 +129,23 @@ def _depth_spec(data):
     valid = M.depth_valid(depth)
     s.update(num_frames=int(T), out_size=(int(H), int(W)), max_frames=max(s["max_frames"], int(T)),
              init_value=float(np.log(depth[valid]).mean()) if valid.any() else 0.0)
-    p = s["grid"]
-    s["patch"] = (max(1, H // p[0]), max(1, W // p[1])) if H % p[0] == 0 and W % p[1] == 0 else (1, 1)
+    s["patch"] = _depth_patch((int(H), int(W)), s["grid"])
     return s
+
+
+DEPTH_QUERY_TOKENS = 2    # one depth query per DEPTH_QUERY_TOKENS x DEPTH_QUERY_TOKENS tokens of a frame
+
+
+def _depth_patch(size, grid):
+    """The output patch of one depth query: DEPTH_QUERY_TOKENS x DEPTH_QUERY_TOKENS token cells
+    where the grid and the size allow it (8 x 8 pixels of a 32 x 32 frame on an 8 x 8 grid: 16
+    queries per frame), else one token cell, else single pixels. The per-query work (attention,
+    MLP) dominates a per-frame readout's cost, which grows with frames x queries per frame."""
+    (H, W), (h, w) = size, grid
+    for k in (DEPTH_QUERY_TOKENS, 1):
+        if h % k == 0 and w % k == 0 and H % (h // k) == 0 and W % (w // k) == 0:
+            return (H // (h // k), W // (w // k))
+    return (1, 1)
 
 
 def _depth_build(spec, width=64, heads=4, seeds=None):
