@@ -101,9 +101,30 @@ def fit_accuracy(x, y, n_classes, hidden=64, epochs=500, lr=1e-2, wd=1e-2, folds
         opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
         for _ in range(epochs):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xtr).reshape(-1, n_classes), ytr.repeat(G)).backward()
+            # a sum over the G problems, so each trains as if alone
+            (G * torch.nn.functional.cross_entropy(net(xtr).reshape(-1, n_classes), ytr.repeat(G))).backward()
             opt.step()
         with torch.no_grad():
             correct += (net(xte).argmax(-1) == y[test]).float().sum(1)
     acc = (correct / N).numpy()
     return float(acc[0]) if single else acc
+
+
+def texture_crops(c, size=16):
+    """(size, size) grey crop of the main object's box in frame 0 (object pixels only, the rest set
+    to their mean), contrast-normalized, for reading its surface pattern."""
+    img = c["video"][0].astype(np.float32).mean(-1)
+    m = c["mask"][0] == 1
+    if not m.any():
+        return np.zeros((size, size), np.float32)
+    ii, jj = np.nonzero(m)
+    v = img[m]
+    g = np.where(m, (img - v.mean()) / (v.std() + 1e-3), 0.0)[ii.min():ii.max() + 1, jj.min():jj.max() + 1]
+    t = torch.as_tensor(g, dtype=torch.float32)[None, None]
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def texture_features(crops):
+    """Crop pixels and the magnitude of their 2D spectrum (which ignores where the pattern starts)."""
+    spec = np.abs(np.fft.rfft2(crops)).reshape(len(crops), -1)
+    return np.concatenate([crops.reshape(len(crops), -1), spec], 1)
