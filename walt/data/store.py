@@ -32,7 +32,7 @@ import numpy as np
 
 from walt.data.world import LABEL_NAMES, SPLITS, WorldConfig, render_clip
 
-FORMAT = "walt-world/1"
+FORMAT = "walt-world/2"
 _COMPRESSED = {"video", "depth", "mask"}
 
 

@@ -54,16 +54,22 @@ MOTION_ACTIONS = (
     "move_left", "move_right", "approach", "recede", "rise", "fall",
     "spin_clockwise", "spin_counterclockwise", "bounce", "still",
 )
-# Consecutive pairs of MOTION_ACTIONS share a coarse motion, so both labels stay balanced.
-COARSE_MOTIONS = ("slides_sideways", "moves_in_depth", "floats", "spins", "stays_in_place")
-APPEARANCE_ACTIONS = tuple(f"{o}_{c}" for o in OBJECT_CLASSES for c in COARSE_MOTIONS)
+# The temporal half of the appearance label: whether the other objects in the clip move ("busy":
+# each glides or spins) or all stand still ("calm"). Independent of the main object's motion.
+ACTIVITIES = ("calm", "busy")
+APPEARANCE_ACTIONS = tuple(f"{o}_{a}" for o in OBJECT_CLASSES for a in ACTIVITIES)
 CAMERA_MOTIONS = ("static", "pan_left", "pan_right", "orbit_left", "orbit_right", "dolly_in", "dolly_out")
+# Procedural surface patterns of the main object (a fine-grained, iNat-like task): pattern kind x
+# frequency (cycles per texture unit; a sphere's u runs once around it, a box face is one unit).
+TEXTURE_CLASSES = tuple(f"{k}_{f}" for k in ("stripes_u", "stripes_v", "stripes_diag", "checker", "dots", "grid")
+                        for f in (3, 6))
 LABEL_NAMES = {
     "object": OBJECT_CLASSES,
     "scene": SCENE_CLASSES,
     "motion": MOTION_ACTIONS,
     "appearance": APPEARANCE_ACTIONS,
     "camera": CAMERA_MOTIONS,
+    "texture": TEXTURE_CLASSES,
 }
 SPLITS = ("train", "val", "test")
 
@@ -108,16 +114,16 @@ def _block_balanced(seed: int, split: int, index: int, task: int, n: int) -> int
 
 def sample_labels(config: WorldConfig, split: str, index: int) -> dict[str, int]:
     s = SPLITS.index(split)
-    # One draw over (object, motion) pairs balances object, motion and appearance at once.
-    pair = _block_balanced(config.seed, s, index, 0, len(OBJECT_CLASSES) * len(MOTION_ACTIONS))
-    obj, motion = divmod(pair, len(MOTION_ACTIONS))
-    appearance = obj * len(COARSE_MOTIONS) + motion // 2
+    # One draw over (object, activity) pairs balances object and appearance at once.
+    pair = _block_balanced(config.seed, s, index, 0, len(OBJECT_CLASSES) * len(ACTIVITIES))
+    obj, activity = divmod(pair, len(ACTIVITIES))
     return {
         "object": obj,
         "scene": _block_balanced(config.seed, s, index, 2, len(SCENE_CLASSES)),
-        "motion": motion,
-        "appearance": appearance,
+        "motion": _block_balanced(config.seed, s, index, 1, len(MOTION_ACTIONS)),
+        "appearance": pair,
         "camera": _block_balanced(config.seed, s, index, 3, len(CAMERA_MOTIONS)),
+        "texture": _block_balanced(config.seed, s, index, 4, len(TEXTURE_CLASSES)),
     }
 
 
@@ -279,38 +285,55 @@ def _fashion_images():
     return read_idx(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
 
 
-def _texture(rng, mode):
-    """A (32, 32, 3) object texture. The same random draws are made in either mode, so the mode
-    changes texture pixels only, never the rest of the clip."""
-    kind = rng.integers(5)
+def _pattern(name, phase, n=32):
+    """(n, n) weights in {0, 1} of a TEXTURE_CLASSES pattern over one texture unit."""
+    kind, freq = name.rsplit("_", 1)
+    f = float(freq)
+    yy, xx = np.meshgrid(np.arange(n) / n, np.arange(n) / n, indexing="ij")
+    x, y = xx * f + phase[0], yy * f + phase[1]
+    if kind == "stripes_u":
+        w = (x % 1) < 0.5
+    elif kind == "stripes_v":
+        w = (y % 1) < 0.5
+    elif kind == "stripes_diag":
+        w = ((x + yy * f) % 1) < 0.5
+    elif kind == "checker":
+        w = (np.floor(x) + np.floor(y)) % 2 == 1
+    elif kind == "dots":
+        w = (x % 1 - 0.5) ** 2 + (y % 1 - 0.5) ** 2 < 0.09
+    elif kind == "grid":
+        w = (np.abs(x % 1 - 0.5) > 0.33) | (np.abs(y % 1 - 0.5) > 0.33)
+    else:
+        raise ValueError(f"unknown texture {name!r}")
+    return w.astype(np.float32)
+
+
+def _texture(rng, mode, pattern=None):
+    """A (32, 32, 3) object texture and its pattern class: TEXTURE_CLASSES[pattern] when given (the
+    main object, in every mode), else a random pattern, or a Fashion-MNIST image in "fashion" mode.
+    The same random draws are made in any case, so the mode changes texture pixels only."""
     c1, c2 = rng.uniform(0.15, 1.0, 3), rng.uniform(0.0, 0.85, 3)
-    freq = rng.integers(2, 6)
+    drawn = int(rng.integers(len(TEXTURE_CLASSES)))
     phase = rng.uniform(0, 1, 2)
     fashion_index = rng.integers(10000)
-    yy, xx = np.meshgrid(np.linspace(0, 1, 32, endpoint=False), np.linspace(0, 1, 32, endpoint=False), indexing="ij")
-    if mode == "fashion":
+    lum = np.array([0.3, 0.59, 0.11])
+    if abs((c1 - c2) @ lum) < 0.3:  # keep the pattern's two tones apart, whatever the colours
+        c1, c2 = (np.maximum(c1, c2) * 0.5 + 0.5, np.minimum(c1, c2) * 0.4) if c1 @ lum >= c2 @ lum else \
+            (np.minimum(c1, c2) * 0.4, np.maximum(c1, c2) * 0.5 + 0.5)
+    if pattern is None and mode == "fashion":
         img = _fashion_images()[fashion_index].astype(np.float32) / 255.0
-        img = np.pad(img, 2, mode="edge")  # 28x28 -> 32x32
-        w = img[..., None]
+        w = np.pad(img, 2, mode="edge")  # 28x28 -> 32x32
         c2 = 0.35 + 0.5 * c2  # the images' black backgrounds become a light tint, not a dark blotch
-    elif kind == 0:  # checker
-        w = ((np.floor(xx * freq * 2 + phase[0]) + np.floor(yy * freq * 2 + phase[1])) % 2)[..., None]
-    elif kind == 1:  # stripes
-        w = (np.sin(2 * np.pi * (xx * freq + phase[0])) > 0)[..., None]
-    elif kind == 2:  # dots
-        dx = (xx * freq + phase[0]) % 1 - 0.5
-        dy = (yy * freq + phase[1]) % 1 - 0.5
-        w = (dx * dx + dy * dy < 0.09)[..., None]
-    elif kind == 3:  # diagonal bands
-        w = (np.sin(2 * np.pi * ((xx + yy) * freq + phase[0])) * 0.5 + 0.5)[..., None]
-    else:  # two-tone halves with a stripe, so rotation is visible
-        w = ((xx > 0.5) ^ (np.abs(yy - phase[1]) < 0.15))[..., None]
+    else:
+        w = _pattern(TEXTURE_CLASSES[drawn if pattern is None else pattern], phase)
+    w = w[..., None]
     return (c1 * w + c2 * (1 - w)).astype(np.float32)
 
 
 def _style(scene, rng, view_azimuth):
     """Ground colours/pattern, sky colours and light of an environment style (lightly jittered).
-    The light comes from behind the first camera (within 70 degrees), so objects face it lit."""
+    The light comes from behind the middle frame's camera (within 90 degrees), so objects mostly
+    face it lit; the wide range keeps an orbit's end frames from showing which way it went."""
     j = lambda c: np.clip(np.asarray(c) + rng.uniform(-0.05, 0.05, 3), 0, 1)  # noqa: E731
     styles = {
         "checker_hall": dict(g1=(0.85, 0.85, 0.82), g2=(0.25, 0.25, 0.28), pattern="checker", scale=1.0,
@@ -330,7 +353,7 @@ def _style(scene, rng, view_azimuth):
     for key in ("g1", "g2", "sky_lo", "sky_hi"):
         st[key] = j(st[key])
     st["offset"] = rng.uniform(0, 10, 2)
-    az = view_azimuth + np.pi + rng.uniform(-np.radians(70), np.radians(70))
+    az = view_azimuth + np.pi + rng.uniform(-np.pi / 2, np.pi / 2)
     el = rng.uniform(np.radians(35), np.radians(65))
     st["light"] = np.array([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)])
     return st
@@ -358,63 +381,122 @@ def _sky(st, dirs):
 
 
 # ----------------------------------------------------------------------------- scene sampling
-def _camera_path(rng, label, T):
-    """Per-frame camera centres (T, 3) and camera-to-world rotations (T, 3, 3)."""
-    target = np.array([0.0, 0.0, 0.6])
-    dist, el = rng.uniform(4.3, 5.3), np.radians(rng.uniform(15, 30))
-    az0 = rng.uniform(0, 2 * np.pi)
-    mag = rng.uniform(0.6, 1.0)
-    s = np.linspace(0.0, 1.0, T)
+# Every motion is centred on the middle frame (s = -1/2 .. 1/2 over the clip) and every frame's
+# state is spread widely around it, so that no single frame tells which way a clip goes: a motion of
+# total size m against a spread of width L shifts a frame's distribution by at most m / 2, which a
+# classifier can exploit in a fraction ~m / (2 L) of clips. The sizes below keep that near 0.1
+# while the motion stays plainly visible (~10 px at 64 x 64). Image-plane sizes are in units of
+# the half-width of the view (tan(fov / 2) x depth).
+VIEW_LATERAL = 0.72  # the main object's centre at the middle frame: |x| <= this (image units)
+DEPTH_RANGE = (3.6, 8.0)  # its ground distance ahead of the camera at the middle frame, metres
+SIDEWAYS = 0.30  # move_left / move_right: total sideways motion, image units
+IN_DEPTH = 1.0  # approach / recede: total change of distance, metres
+RISE = 0.10  # rise / fall: total change of height as a fraction of the distance
+HOVER = (RISE / 2, 0.17)  # lowest height of the bottom (fraction of distance): hop base
+HOP = (0.14, 0.24)  # hop height (fraction of distance); every clip draws one, only bounce plays it
+SPIN_DEGREES = (100.0, 130.0)  # total turn of a spin (under 180 - orbit, so two frames tell its sense)
+PAN_DEGREES = 7.0
+ORBIT_DEGREES = 22.0  # about a vertical axis through the main object's middle-frame position
+DOLLY_METRES = 0.8
+
+
+def _reference_camera(rng):
+    """Eye and camera-to-world rotation of the middle frame's camera, before its motion: at a random
+    height and heading above the world origin, pitched down towards the middle of the object range."""
+    az = rng.uniform(0, 2 * np.pi)
+    height = rng.uniform(1.6, 2.6)
+    pitch = np.arctan2(height - 0.9, 5.8) + np.radians(rng.uniform(-3, 3))
+    eye = np.array([0.0, 0.0, height])
+    fwd = np.array([np.cos(pitch) * np.cos(az), np.cos(pitch) * np.sin(az), -np.sin(pitch)])
+    return eye, look_at(eye, eye + fwd), az
+
+
+def _camera_path(rng, label, T, eye, rot, pivot):
+    """Per-frame camera centres (T, 3) and camera-to-world rotations (T, 3, 3): the reference camera
+    moved by the label's motion, centred on the middle of the clip."""
+    mag = rng.uniform(0.8, 1.0)
+    s = np.linspace(-0.5, 0.5, T)
     name = CAMERA_MOTIONS[label]
     sign = 1.0 if name.endswith(("left", "in")) else -1.0
-    az = np.full(T, az0)
-    if name.startswith("orbit"):  # camera circles the target; decreasing azimuth moves it left
-        az = az0 - sign * np.radians(35) * mag * s
-    eyes = target + dist * np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.full(T, np.sin(el))], -1)
-    rots = np.stack([look_at(e, target) for e in eyes])
+    eyes, rots = np.tile(eye, (T, 1)), np.tile(rot, (T, 1, 1))
+    if name.startswith("orbit"):  # circle the pivot; a clockwise turn (from above) moves the camera left
+        turn = _rot_z(-sign * np.radians(ORBIT_DEGREES) * mag * s)
+        eyes = pivot + np.einsum("tij,j->ti", turn, eye - pivot)
+        rots = turn @ rot
     if name.startswith("dolly"):  # move along the viewing direction
-        eyes = eyes + sign * 2.0 * mag * s[:, None] * rots[:, :, 2]
+        eyes = eye + sign * DOLLY_METRES * mag * s[:, None] * rot[:, 2]
     if name.startswith("pan"):  # turn in place about the world vertical; positive = to the left
-        rots = _rot_z(sign * np.radians(16) * mag * s) @ rots
+        rots = _rot_z(sign * np.radians(PAN_DEGREES) * mag * s) @ rot
     return eyes, rots
 
 
-def _main_trajectory(rng, label, T, base_z, cam_rot0):
-    """Centres (T, 3) and yaw angles (T,) of the main object for a motion label. The centre at the
-    middle frame and the hover height are drawn identically for every label."""
-    right = cam_rot0[:, 0] * [1, 1, 0]
+def _hop(phase):
+    """Height profile of a bounce, in [0, 1]: parabolic arcs that touch 0 at integer phases."""
+    f = phase % 1.0
+    return 4 * f * (1 - f)
+
+
+def _main_trajectory(rng, label, T, half_z, eye, rot, fov):
+    """Centres (T, 3) and yaw angles (T,) of the main object for a motion label, in the world.
+
+    The state at the middle frame is drawn identically for every label and widely: sideways
+    position across the view, distance, hover height (a hop base plus a hop height at a random
+    phase of its bounce: a bouncing object's height at any frame has exactly the distribution every
+    other object's has), yaw uniform. The motion is then centred on the middle frame."""
+    right = rot[:, 0] * [1, 1, 0]
     right /= np.linalg.norm(right)
-    fwd = cam_rot0[:, 2] * [1, 1, 0]
+    fwd = rot[:, 2] * [1, 1, 0]
     fwd /= np.linalg.norm(fwd)
-    r, a = 0.6 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
-    mid = np.array([r * np.cos(a), r * np.sin(a), base_z + rng.uniform(0.7, 1.3)])
+    depth = rng.uniform(*DEPTH_RANGE)
+    lateral = rng.uniform(-VIEW_LATERAL, VIEW_LATERAL)
+    base, hop, phase = rng.uniform(*HOVER), rng.uniform(*HOP), rng.uniform(0, 1)
     yaw0 = rng.uniform(0, 2 * np.pi)
-    speed = rng.uniform(0.75, 1.0)
-    ph = rng.uniform(0, np.pi)
+    speed = rng.uniform(0.8, 1.0)
+    spin = np.radians(rng.uniform(*SPIN_DEGREES))
     s = np.linspace(-0.5, 0.5, T)  # 0 at the middle frame
     name = MOTION_ACTIONS[label]
-    step = {"move_left": -2.4 * right, "move_right": 2.4 * right, "approach": -2.8 * fwd, "recede": 2.8 * fwd,
-            "rise": np.array([0, 0, 1.15]), "fall": np.array([0, 0, -1.15])}.get(name, np.zeros(3))
-    centres = mid + speed * s[:, None] * step
+    unit = np.tan(np.radians(fov) / 2)  # image units -> metres per metre of depth
+    d = depth + {"approach": -1, "recede": 1}.get(name, 0) * IN_DEPTH * speed * s
+    x = lateral * unit * depth + {"move_left": -1, "move_right": 1}.get(name, 0) * SIDEWAYS * speed * s * unit * depth
+    h = (base + hop * _hop(phase)) * depth + {"rise": 1, "fall": -1}.get(name, 0) * RISE * speed * s * depth
+    if name == "bounce":  # 1.5 hops over the clip, from the drawn phase
+        h = (base + hop * _hop(phase + 1.5 * s)) * depth
+    centres = eye * [1, 1, 0] + np.asarray(d)[..., None] * fwd + np.asarray(x)[..., None] * right
+    centres = np.broadcast_to(centres, (T, 3)).copy()
+    centres[:, 2] = half_z + h
     yaw = np.full(T, yaw0)
     if name == "spin_clockwise":  # seen from above
-        yaw = yaw0 - speed * np.radians(200) * s
+        yaw = yaw0 - spin * s
     elif name == "spin_counterclockwise":
-        yaw = yaw0 + speed * np.radians(200) * s
-    elif name == "bounce":  # hops with the same mean height as a hovering object
-        hop = np.abs(np.sin(2 * np.pi * 1.5 * (s + 0.5) + ph))
-        centres = centres + np.outer(1.3 * speed * (hop - hop.mean()), [0, 0, 1])
+        yaw = yaw0 + spin * s
     return centres, yaw
 
 
-def _distractor_trajectory(rng, T, base_z, centre_main):
-    ang = rng.uniform(0, 2 * np.pi)
-    rad = rng.uniform(1.9, 3.2)
-    start = np.array([rad * np.cos(ang), rad * np.sin(ang), base_z]) + [centre_main[0], centre_main[1], 0]
-    kind = rng.integers(3)  # glide, spin, rest
-    vel = np.append(rng.uniform(-0.06, 0.06, 2), 0.0) if kind == 0 else np.zeros(3)
-    yaw = rng.uniform(0, 2 * np.pi) + (rng.uniform(-0.15, 0.15) if kind == 1 else 0.0) * np.arange(T)
-    return start + np.arange(T)[:, None] * vel, yaw
+def _distractor_trajectory(rng, T, radius, eye, rot, fov, busy, keep_clear):
+    """A distractor resting on the ground somewhere in view, clear of the paths in `keep_clear`
+    (list of (points (T, 2), radius)); in a busy clip it glides or spins, else it stands still."""
+    right = rot[:, 0] * [1, 1, 0]
+    right /= np.linalg.norm(right)
+    fwd = rot[:, 2] * [1, 1, 0]
+    fwd /= np.linalg.norm(fwd)
+    unit = np.tan(np.radians(fov) / 2)
+    glide = busy and rng.uniform() < 0.6
+    heading = rng.uniform(0, 2 * np.pi)
+    length = rng.uniform(0.6, 1.0) if glide else 0.0
+    turn = np.radians(rng.uniform(120, 200)) * rng.choice([-1, 1]) if busy and not glide else 0.0
+    yaw0 = rng.uniform(0, 2 * np.pi)
+    s = np.linspace(-0.5, 0.5, T)
+    step = length * np.array([np.cos(heading), np.sin(heading)])
+    for attempt in range(40):
+        depth = rng.uniform(3.0, 9.0) if attempt < 39 else rng.uniform(11.0, 13.0)  # last resort: far away
+        lateral = rng.uniform(-0.85, 0.85) * unit * depth
+        mid = eye[:2] + depth * fwd[:2] + lateral * right[:2]
+        path = mid + s[:, None] * step
+        if attempt == 39 or all(np.linalg.norm(path[:, None] - other[None], axis=-1).min() > radius + r + 0.15
+                                for other, r in keep_clear):
+            break
+    pos = np.concatenate([path, np.zeros((T, 1))], -1)
+    return pos, yaw0 + turn * s
 
 
 def _sample_scene(config: WorldConfig, split: str, index: int):
@@ -422,22 +504,29 @@ def _sample_scene(config: WorldConfig, split: str, index: int):
     labels = sample_labels(cfg, split, index)
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index, 1])
     T = cfg.frames
-    eyes, cam_rots = _camera_path(rng, labels["camera"], T)
-    style = _style(labels["scene"], rng, np.arctan2(cam_rots[0, 1, 2], cam_rots[0, 0, 2]))
-    n_distract = int(rng.integers(0, cfg.max_objects))
-    objects, classes = [], []
+    eye, rot, view_az = _reference_camera(rng)
+    style = _style(labels["scene"], rng, view_az)
+    n_distract = int(rng.integers(1, cfg.max_objects)) if cfg.max_objects > 1 else 0
+    busy = ACTIVITIES[labels["appearance"] % len(ACTIVITIES)] == "busy"
+    objects, classes, clear = [], [], []
     for k in range(1 + n_distract):
         cls = labels["object"] if k == 0 else int(rng.integers(len(OBJECT_CLASSES)))
         kind, half = SHAPES[OBJECT_CLASSES[cls]]
         size = rng.uniform(0.55, 0.7) if k == 0 else rng.uniform(0.3, 0.5)
         half = np.array(half) * size
-        tex, tiles = _texture(rng, cfg.textures), float(rng.integers(1, 3))
+        tex = _texture(rng, cfg.textures, labels["texture"] if k == 0 else None)
+        tiles = 1.0 if k == 0 else float(rng.integers(1, 3))
+        radius = float(np.hypot(half[0], half[1]))
         if k == 0:
-            pos, yaw = _main_trajectory(rng, labels["motion"], T, half[2], cam_rots[0])
+            pos, yaw = _main_trajectory(rng, labels["motion"], T, half[2], eye, rot, cfg.fov_degrees)
         else:
-            pos, yaw = _distractor_trajectory(rng, T, half[2], objects[0].pos[T // 2])
+            pos, yaw = _distractor_trajectory(rng, T, radius, eye, rot, cfg.fov_degrees, busy, clear)
+            pos[:, 2] = half[2]
+        clear.append((pos[:, :2], radius))
         objects.append(_Object(kind, half, _rot_z(yaw), pos, tex, tiles))
         classes.append(cls)
+    pivot = objects[0].pos[T // 2] * [1, 1, 0]
+    eyes, cam_rots = _camera_path(rng, labels["camera"], T, eye, rot, pivot)
     return cfg, labels, eyes, cam_rots, style, objects, classes, rng
 
 
@@ -479,7 +568,7 @@ def render_clip(config: WorldConfig, split: str, index: int) -> dict[str, np.nda
     boxes (T,O,4) float32 (x0, y0, x1, y1) amodal, clipped to the image; box_valid (T,O) bool;
     query (N,3) float32 (t, y, x) with the query pixel's centre; tracks (N,T,2) float32 (x, y);
     visible (N,T) bool; track_depth (N,T) float32; track_owner (N,) int64 (0 scene, k+1 object k);
-    labels (5,) int64 in the order of LABEL_NAMES.
+    labels (6,) int64 in the order of LABEL_NAMES.
     """
     cfg, labels, eyes, cam_rots, st, objects, classes, rng = _sample_scene(config, split, index)
     T, H, W, O = cfg.frames, cfg.height, cfg.width, cfg.max_objects
