@@ -22,8 +22,8 @@ def mini(tmp_path_factory):
         splits=dict(train=8, val=4, test=4), autoencoder=TINY,
         diffusion={**TINY, "train.steps": 5, "train.keep_every": [0.4, 1.0], "train.num_samples": 2,
                    "diffusion.sample_steps": 2},
-        main_block=1, noise_sweep=(0, 200), tasks=("object", "motion", "depth", "camera_pose", "point_tracking",
-                                                  "box_tracking"),
+        main_block=1, noise_sweep=(0, 200), tasks=("object", "texture", "motion", "depth", "camera_pose",
+                                                  "point_tracking", "box_tracking"),
         sweep_tasks=("motion",), seeds=(0, 1), lrs=(1e-3, 3e-3), epochs=1, batch_size=4, width=16, pca_clips=2,
         workers=1)
     out = tmp_path_factory.mktemp("study")
@@ -114,8 +114,16 @@ def test_cli_fit_refuses_mixed_models_and_missing_annotations(mini, tmp_path):
             "--out", str(tmp_path / "x")]
     r = CliRunner().invoke(main, base + ["--val", f("iwalt", "val")])
     assert r.exit_code == 1 and "mode=" in r.output and "expected" in r.output
-    r = CliRunner().invoke(main, base + ["--val", f("vwalt", "val"), "--tasks", "texture"])
-    assert r.exit_code == 1 and "task 'texture' is unavailable" in r.output
+    import shutil
+
+    import h5py
+
+    lacking = str(tmp_path / "no_depth.h5")  # a data set without depth annotations
+    shutil.copyfile(f("vwalt", "train"), lacking)
+    with h5py.File(lacking, "a") as h:
+        del h["targets/depth"]
+    r = CliRunner().invoke(main, ["fit", "--train", lacking] + base[3:] + ["--val", f("vwalt", "val"), "--tasks", "depth"])
+    assert r.exit_code == 1 and "task 'depth' is unavailable: the data has no 'depth'" in r.output
     r = CliRunner().invoke(main, base + ["--val", f("vwalt", "val"), "--key", "t0999/b01"])
     assert r.exit_code == 1 and "has no features 't0999/b01'" in r.output
     assert not os.path.exists(tmp_path / "x")

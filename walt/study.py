@@ -69,16 +69,21 @@ _SMALL_TRAIN = {"train.precision": "fp32", "train.threads": 0, "data.num_workers
 PRESETS = {
     "quick": StudyPreset(
         name="quick",
-        about="2-core CPU, ~15-25 minutes: 32x32 clips, the 4-block CPU model, every sweep at small scale",
-        world=dict(seed=0, frames=17, height=32, width=32, textures="procedural", track_points=32),
-        splits=dict(train=384, val=96, test=96),
+        about="2-core CPU, under 30 minutes: 32x32 clips, the 4-block CPU model, sweeps on the four fastest tasks",
+        world=dict(seed=0, frames=17, height=32, width=32, textures="procedural", track_points=16),
+        splits=dict(train=256, val=64, test=96),
         train_preset="cpu",
-        autoencoder={**_SMALL_TRAIN, "train.steps": 300, "train.batch_size": 8, "train.lr": 2e-3, "train.warmup_steps": 20,
+        autoencoder={**_SMALL_TRAIN, "train.steps": 400, "train.batch_size": 4, "train.lr": 2e-3, "train.warmup_steps": 20,
                      "train.ckpt_every": 100, "train.log_every": 25, "ae_loss.stats_batches": 16},
-        diffusion={**_SMALL_TRAIN, "train.steps": 600, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 50,
-                   "train.ema_decay": 0.995, "train.ckpt_every": 200, "train.log_every": 25, "train.num_samples": 8,
-                   "train.keep_every": [0.1, 0.2, 0.4, 1.0], "train.match_tokens": True, "diffusion.sample_steps": 25},
+        diffusion={**_SMALL_TRAIN, "train.steps": 1500, "train.batch_size": 8, "train.lr": 1e-3, "train.warmup_steps": 50,
+                   "train.ema_decay": 0.995, "train.ckpt_every": 250, "train.log_every": 25, "train.num_samples": 8,
+                   "train.keep_every": [0.1, 0.2, 0.4, 1.0], "train.match_tokens": True, "train.cache_latents": True,
+                   "diffusion.sample_steps": 25},
         main_block=2,
+        sweep_tasks=("object", "motion", "camera_pose", "box_tracking"),
+        lrs=(1e-3, 3e-3, 1e-2),
+        epochs=8,
+        batch_size=16,
     ),
     "gpu": StudyPreset(
         name="gpu",
@@ -223,10 +228,12 @@ class Study:
     def features(self):
         from walt.features import dump as D
 
+        caches = {}  # every dump of a split in one mode sees the same latents: encode each clip once
         for name, (spec, blocks, ts, step) in self.feature_sets().items():
             for split in ("train", "val", "test"):
                 out = os.path.join(self.out, "features", name, f"{split}.h5")
                 backbone, attrs, size = D.load_backbone(spec, blocks, ts, seed=self.p.seed, step=step)
+                backbone.latent_cache = caches.setdefault((backbone.mode, split), {})
                 source, fmt, split_used = D.open_source(self.data, "world", split, frames=size[0])
                 clips = D.PreparedClips(source, size)
                 attrs.update(data=self.data, data_format=fmt, split=split_used)

@@ -83,6 +83,9 @@ class Backbone:
     timesteps: tuple = ()
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # {clip id: latents} shared by dumps of the same clips through the same autoencoder and mode
+    # (the study dumps each split several times): the latents are computed once per clip.
+    latent_cache: dict | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -126,7 +129,11 @@ class Backbone:
     @torch.no_grad()
     def clip_features(self, video: torch.Tensor, clip_id: int) -> dict[str, torch.Tensor]:
         """Features {key: (T', h, w, C) float32} of one clip (T, 3, H, W) in [-1, 1]."""
-        return self.features_from_latents(self.latents(video), clip_id)
+        if self.latent_cache is None:
+            return self.features_from_latents(self.latents(video), clip_id)
+        if clip_id not in self.latent_cache:
+            self.latent_cache[clip_id] = self.latents(video)
+        return self.features_from_latents(self.latent_cache[clip_id], clip_id)
 
     @torch.no_grad()
     def latents(self, video: torch.Tensor) -> torch.Tensor:
