@@ -475,6 +475,17 @@ class _Encoded(_Local):
     what the features say at those coordinates (a linear projection ``samp`` of normalised
     features)."""
 
+    def __init__(self, k, in_dim, num_frames, image_size, width, heads, grid, max_frames, num_bands, mlp_ratio,
+                 seeds):
+        """k coordinates in, k outputs per frame (the head)."""
+        max_frames = num_frames if max_frames is None else max_frames
+        super().__init__(in_dim, width, heads, grid, max_frames, seeds, mlp_ratio)
+        self.num_frames, self.image_size = num_frames, tuple(image_size)
+        self._encoder(k, num_bands)
+        self._param("head_w", (k, width), "linear")
+        self._param("head_b", (k,), "zeros")
+        self._initialize()
+
     def _encoder(self, k, num_bands):
         self.num_bands = num_bands
         D = self.width
@@ -518,13 +529,8 @@ class PointTrackReadout(_Encoded):
     def __init__(self, in_dim: int, num_frames: int, image_size, *, width: int = 64, heads: int = 4,
                  grid=(8, 8), max_frames: int | None = None, num_bands: int = 8, mlp_ratio: int = 1,
                  seeds=None):
-        max_frames = num_frames if max_frames is None else max_frames
-        super().__init__(in_dim, width, heads, grid, max_frames, seeds, mlp_ratio)
-        self.num_frames, self.image_size = num_frames, tuple(image_size)
-        self._encoder(3, num_bands)
-        self._param("head_w", (3, width), "linear")
-        self._param("head_b", (3,), "zeros")
-        self._initialize()
+        super().__init__(3, in_dim, num_frames, image_size, width, heads, grid, max_frames, num_bands, mlp_ratio,
+                         seeds)
 
     def forward(self, feats, frame_index, query, *, normalized=False, hw=None):
         xhat, hw, cover = self._inputs(feats, frame_index, normalized, hw)
@@ -557,13 +563,8 @@ class BoxTrackReadout(_Encoded):
     def __init__(self, in_dim: int, num_frames: int, image_size, *, width: int = 64, heads: int = 4,
                  grid=(8, 8), max_frames: int | None = None, num_bands: int = 8, mlp_ratio: int = 1,
                  seeds=None):
-        max_frames = num_frames if max_frames is None else max_frames
-        super().__init__(in_dim, width, heads, grid, max_frames, seeds, mlp_ratio)
-        self.num_frames, self.image_size = num_frames, tuple(image_size)
-        self._encoder(4, num_bands)
-        self._param("head_w", (4, width), "linear")
-        self._param("head_b", (4,), "zeros")
-        self._initialize()
+        super().__init__(4, in_dim, num_frames, image_size, width, heads, grid, max_frames, num_bands, mlp_ratio,
+                         seeds)
 
     def forward(self, feats, frame_index, box, *, normalized=False, hw=None):
         xhat, hw, cover = self._inputs(feats, frame_index, normalized, hw)
