@@ -127,3 +127,25 @@ def test_cli_fit_refuses_mixed_models_and_missing_annotations(mini, tmp_path):
     r = CliRunner().invoke(main, base + ["--val", f("vwalt", "val"), "--key", "t0999/b01"])
     assert r.exit_code == 1 and "has no features 't0999/b01'" in r.output
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("name", ["quick", "gpu"])
+def test_every_preset_resolves_to_valid_training_configs(name, tmp_path):
+    from walt.config import resolve
+    from walt.models import WALT, CausalVAE
+    from walt.study import PRESETS
+
+    p = PRESETS[name]
+    for stage, sets, mode in (("autoencoder", p.autoencoder, None), ("diffusion", p.diffusion, "image"),
+                              ("diffusion", p.diffusion, "video")):
+        extra = {"stage": stage, **({"model": {"mode": mode}} if mode else {})}
+        cfg = resolve(p.train_preset, sets=[f"{k}={json.dumps(v)}" for k, v in {**sets, "data.kind": "world",
+                      "data.path": str(tmp_path), "out_dir": str(tmp_path / "o")}.items()], extra=extra)
+        assert cfg.train.match_tokens
+    import torch
+
+    with torch.device("meta"):  # the model takes the world's clips: latent grid within its input size
+        vae, walt_ = CausalVAE(cfg.autoencoder), WALT(cfg.model)
+        z = vae.encode(torch.empty(1, p.world["frames"], 3, p.world["height"], p.world["width"]))
+        assert tuple(z.shape[1:4]) <= tuple(cfg.model.input_size) and p.main_block < cfg.model.depth
+        walt_(z, torch.zeros(1, dtype=torch.long))
