@@ -94,8 +94,23 @@ def _fmt(x, std=None):
     return s if std is None else f"{s} ± {std:.3f}"
 
 
+def _yn(x):
+    return "–" if x is None else "yes" if x else "no"
+
+
 def _pct(x):
     return f"{x:.1f}%" if x is not None and np.isfinite(x) else "–"
+
+
+def beats_controls(fits, model):
+    """Whether `model`'s score beats both of its controls (its untrained network and its autoencoder
+    latents) by more than the seed spreads: None when a control is missing."""
+    controls = [fits.get(f"{kind}_{model}") for kind in ("random", "latents")]
+    if any(c is None for c in controls) or model not in fits:
+        return None
+    m, s = seed_stats(fits[model])
+    sign = 1.0 if fits[model]["higher_is_better"] else -1.0
+    return all(sign * (m - cm) > s + cs for cm, cs in (seed_stats(c) for c in controls))
 
 
 def compare(results):
@@ -104,6 +119,7 @@ def compare(results):
     for task, fits in results["main"].items():
         if all(m in fits for m in MODELS):
             rows[task] = verdict(fits["vwalt"], fits["iwalt"])
+            rows[task].update({f"{m}_beats_controls": beats_controls(fits, m) for m in MODELS})
     return rows
 
 
@@ -195,18 +211,19 @@ def write_report(out_dir: str, results: dict) -> str:
     lines += [f"{p['about']}.", ""]
     lines += _summary(rows)
     lines += ["## Per task (test split, main block %d, t = %d)" % (p["main_block"], p["main_t"]), ""]
-    lines += ["| task | metric | I-WALT | V-WALT | V rel. I | 95% CI | beats seed spread | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| task | metric | I-WALT | V-WALT | V rel. I | 95% CI | beats seed spread | verdict | above controls (I / V) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for task, r in rows.items():
         arrow = "↑" if r["higher_is_better"] else "↓"
         lines.append(f"| {task} | {r['metric']} {arrow} | {_fmt(r['iwalt'], r['iwalt_std'])} | "
                      f"{_fmt(r['vwalt'], r['vwalt_std'])} | {_pct(r['v_rel_i'])} | "
                      f"{_pct(r['ci_low'])} – {_pct(r['ci_high'])} | {'yes' if r['beats_seed_spread'] else 'no'} | "
-                     f"{r['verdict']} |")
+                     f"{r['verdict']} | {_yn(r.get('iwalt_beats_controls'))} / {_yn(r.get('vwalt_beats_controls'))} |")
     lines += ["", "Scores are the mean ± standard deviation over %d readout seeds; V rel. I is V/I for "
               "higher-is-better metrics and I/V for errors (above 100%% = V-WALT better), with a 95%% paired "
               "bootstrap interval over test clips. A gap counts only when the interval excludes 100%% and the "
-              "difference exceeds the two seed spreads together." % len(p["seeds"]), ""]
+              "difference exceeds the two seed spreads together. Above controls: the model's score beats both its "
+              "untrained network and its autoencoder latents by more than the seed spreads." % len(p["seeds"]), ""]
     if rows:
         lines += ["![V-WALT relative to I-WALT](figures/v_vs_i.png)", ""]
     lines += _controls(results)
@@ -242,6 +259,11 @@ def _summary(rows):
     out.append(f"- V-WALT's features are better on: {', '.join(better) or 'no task'}.")
     out.append(f"- I-WALT's features are better on: {', '.join(worse) or 'no task'}.")
     out.append(f"- No difference beyond seed spread and the bootstrap interval: {', '.join(unclear) or 'no task'}.")
+    idle = [t for t, r in rows.items() if r.get("vwalt_beats_controls") is False and r.get("iwalt_beats_controls") is False]
+    if idle:
+        out.append(f"- Neither model's features beat its own untrained network and autoencoder latents on: "
+                   f"{', '.join(idle)}. There the readout finds nothing diffusion training added, so a V-vs-I "
+                   "verdict on these tasks says nothing about what diffusion learned.")
     motion = [t for t in MOTION_TASKS if t in rows]
     lost = [t for t in motion if rows[t]["verdict"] != "V-WALT better"]
     if lost:
