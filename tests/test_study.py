@@ -149,3 +149,24 @@ def test_every_preset_resolves_to_valid_training_configs(name, tmp_path):
         z = vae.encode(torch.empty(1, p.world["frames"], 3, p.world["height"], p.world["width"]))
         assert tuple(z.shape[1:4]) <= tuple(cfg.model.input_size) and p.main_block < cfg.model.depth
         walt_(z, torch.zeros(1, dtype=torch.long))
+
+
+def test_a_study_killed_midway_resumes_to_the_same_numbers(mini, tmp_path, monkeypatch):
+    import probes.fit
+
+    p, out, _ = mini
+    real, calls = probes.fit.fit, []
+
+    def killed_at_the_fifth_fit(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(probes.fit, "fit", killed_at_the_fifth_fit)
+    with pytest.raises(KeyboardInterrupt):
+        Study(str(tmp_path), p).run()
+    assert not os.path.exists(tmp_path / "report.md")
+    monkeypatch.setattr(probes.fit, "fit", real)
+    Study(str(tmp_path), p).run()
+    assert json.load(open(tmp_path / "results.json"))["comparison"] == json.load(open(os.path.join(out, "results.json")))["comparison"]

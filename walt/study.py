@@ -62,6 +62,8 @@ class StudyPreset:
     seed: int = 0  # noise seed of the feature dumps (training seeds are in the overrides)
     pca_clips: int = 3
     workers: int = 2  # world-rendering processes
+    # Seconds each stage took where the preset was measured, for the progress lines' ETA.
+    expected_seconds: dict = dataclasses.field(default_factory=dict)
 
 
 _SMALL_TRAIN = {"train.precision": "fp32", "train.threads": 0, "data.num_workers": 0}
@@ -84,6 +86,9 @@ PRESETS = {
         lrs=(1e-3, 3e-3, 1e-2),
         epochs=8,
         batch_size=16,
+        # a 2-core Intel Xeon (AVX-512), 2026-12-01
+        expected_seconds=dict(data=8, autoencoder=110, iwalt=130, vwalt=125, losses=10, features=140, probes=700,
+                              report=5),
     ),
     "gpu": StudyPreset(
         name="gpu",
@@ -139,7 +144,13 @@ class Study:
         if done is not None and done.get("complete"):
             log.info("[%d/%d] %s: done earlier (%.0f s), skipped", i, n, name, done["seconds"])
             return
-        log.info("[%d/%d] %s ...", i, n, name)
+        expected = self.p.expected_seconds
+        if name in expected:
+            left = sum(v for k, v in expected.items() if not self.stages.get(k, {}).get("complete"))
+            eta = time.strftime("%H:%M", time.localtime(time.time() + left))
+            log.info("[%d/%d] %s ... (about %s; the study should end near %s)", i, n, name, _duration(expected[name]), eta)
+        else:
+            log.info("[%d/%d] %s ...", i, n, name)
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0 + (done or {}).get("seconds", 0.0)
@@ -401,6 +412,10 @@ class Study:
         for i, (name, fn) in enumerate(stages, 1):
             self._stage(i, len(stages), name, fn)
         return os.path.join(self.out, "report.md")
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _score(fit_result):
