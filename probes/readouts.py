@@ -120,7 +120,7 @@ def pool_box(xhat: torch.Tensor, hw, frame: int, box: torch.Tensor) -> torch.Ten
     area it shares with the box: xhat (B, T'*h*w, C), box (B, 4) (x0, y0, x1, y1) as fractions of
     the frame -> (B, C). A box covering no area reads the bilinear sample at its centre."""
     h, w = hw
-    B, C = xhat.shape[0], xhat.shape[-1]
+    B = xhat.shape[0]
     box = box.float()
     x0, x1 = torch.minimum(box[:, 0], box[:, 2]), torch.maximum(box[:, 0], box[:, 2])
     y0, y1 = torch.minimum(box[:, 1], box[:, 3]), torch.maximum(box[:, 1], box[:, 3])
@@ -536,7 +536,7 @@ class PointTrackReadout(_Encoded):
         xhat, hw, cover = self._inputs(feats, frame_index, normalized, hw)
         if query.dim() != 3 or query.shape[-1] != 3 or query.shape[0] != xhat.shape[0]:
             raise ValueError(f"query must be (B, N, 3) as (t, y, x) pixels, got {tuple(query.shape)}")
-        G, (B, N, _), T = self.group, query.shape, self.num_frames
+        T = self.num_frames
         H, W = self.image_size
         query = query.float()
         p = query * query.new_tensor([1.0 / max(T - 1, 1), 1.0 / H, 1.0 / W])

@@ -2,7 +2,6 @@
 frame-local attention of the per-frame readouts, and the point readout's sampled feature."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
