@@ -35,7 +35,7 @@ CUTLASS_MISSING = CUDA kernels need the CUTLASS/CuTe headers: pip install --no-d
 # Evaluated only when a CUDA object is built, so other targets do not need the wheel.
 CUTLASS_INCLUDE = $(shell $(PYTHON) -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))" 2> /dev/null)
 CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a
-NVCC_CHECK_FLAGS = -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr $(CUDA_GENCODE) \
+NVCC_CHECK_FLAGS = -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr $(CUDA_GENCODE) \
 	-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Icsrc/include -isystem $(CUTLASS_INCLUDE) \
 	-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
 	-D__CUDA_NO_HALF2_OPERATORS__
