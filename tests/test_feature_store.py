@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from backends import one_thread  # noqa: F401  (autouse)
-from test_features import make_tiny_runs
 
 from walt.data.store import WorldStore
 from walt.features import (
@@ -25,16 +24,6 @@ from walt.features.extract import Backbone
 from walt.features.h5 import feature_chunks, shard_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return make_tiny_runs(tmp_path_factory.mktemp("runs"))
-    finally:
-        torch.set_num_threads(n)
 
 
 def setup_dump(tiny, run="video", blocks=(0, 1), t=(0, 200)):
