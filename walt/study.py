@@ -199,16 +199,17 @@ class Study:
         out = {}
         for name in ("vwalt", "iwalt"):
             run = self.runs[name]
+            cfg = runs.run_config(run, "diffusion")
+            diffusion = Diffusion(cfg.diffusion)
+            with torch.no_grad():  # the same latents and noise for every variant of the run
+                x0 = latents_for(cfg.model.mode, runs.load_autoencoder(cfg.autoencoder_run), video)
+            keys = torch.arange(len(x0)) + 10**6  # not training keys
             variants = [("trained", {}), ("untrained", {"weights": False})]
             variants += [(f"step {s}", {"step": s}) for s in runs.snapshot_steps(run)]
             row = {}
             for label, kwargs in variants:
-                model, cfg = runs.load_transformer(run, **kwargs)
-                vae = runs.load_autoencoder(cfg.autoencoder_run)
-                diffusion = Diffusion(cfg.diffusion)
+                model, _ = runs.load_transformer(run, **kwargs)
                 with torch.no_grad():
-                    x0 = latents_for(cfg.model.mode, vae, video)
-                    keys = torch.arange(len(x0)) + 10**6  # not training keys
                     row[label] = float(diffusion.loss(model, x0, seed=12345, keys=keys))
             out[name] = row
         _write_json(os.path.join(self.out, "diffusion_loss.json"), out)

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from walt.data.world import LABEL_NAMES, SPLITS, WorldConfig, render_clip
+from walt.runs import sha256  # one file-checksum helper for shards and weights
 
 FORMAT = "walt-world/2"
 _COMPRESSED = {"video", "depth", "mask"}
@@ -103,20 +104,12 @@ def _render_shard(config: dict, split: str, first: int, count: int, path: str) -
     return split, first, count, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_is_intact(path: str, first: int, count: int, checksum: dict | None) -> bool:
     """Whether a finished shard is still what was written: its size and sha256 as recorded, or
     (for a manifest without checksums) an HDF5 file whose datasets all read back with `count` clips."""
     try:
         if checksum is not None:
-            return os.path.getsize(path) == checksum["bytes"] and _file_sha256(path) == checksum["sha256"]
+            return os.path.getsize(path) == checksum["bytes"] and sha256(path) == checksum["sha256"]
         with h5py.File(path, "r") as f:
             if int(f.attrs["first"]) != first or int(f.attrs["count"]) != count or not len(f.keys()):
                 return False
