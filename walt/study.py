@@ -264,6 +264,7 @@ class Study:
             jobs.append(dict(set=fs, key=key, task=task, seeds=seeds, role=role, model=model, x=x))
 
         main = feature_key(p.main_t, p.main_block)
+        snapshots = [fs for fs in self.feature_sets() if "@" in fs] if p.budget_sweep else []
         for name in ("vwalt", "iwalt"):
             for task in p.tasks:
                 add(name, main, task, p.seeds, "main", name)
@@ -277,10 +278,9 @@ class Study:
                     for b in range(self._depth()):
                         if b != p.main_block:
                             add(f"{name}_blocks", feature_key(p.main_t, b), task, p.seeds[:1], "block", name, b)
-                if p.budget_sweep:
-                    for fs in self.feature_sets():
-                        if fs.startswith(name + "@"):
-                            add(fs, main, task, p.seeds[:1], "budget", name, int(fs.split("@")[1]))
+                for fs in snapshots:
+                    if fs.startswith(name + "@"):
+                        add(fs, main, task, p.seeds[:1], "budget", name, int(fs.split("@")[1]))
         return jobs
 
     def _depth(self):
