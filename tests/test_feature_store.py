@@ -21,7 +21,7 @@ from walt.features import (
 )
 from walt.features.dump import PreparedClips, dump, load_backbone
 from walt.features.extract import Backbone
-from walt.features.h5 import feature_chunks, shard_path
+from walt.features.h5 import FileSink, feature_chunks, shard_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +119,7 @@ def test_truncated_and_foreign_files_are_refused(tiny, tmp_path):
 
 def test_a_write_error_ends_in_one_sentence_naming_the_path(tiny, tmp_path, monkeypatch):
     backbone, attrs, clips = setup_dump(tiny, blocks=(1,), t=(200,))
-    real, n = FeatureWriter._write, []
+    real, n = FileSink.write, []
 
     def disk_full(self, *a):
         n.append(1)
@@ -127,11 +127,11 @@ def test_a_write_error_ends_in_one_sentence_naming_the_path(tiny, tmp_path, monk
             raise OSError(28, "No space left on device")
         return real(self, *a)
 
-    monkeypatch.setattr(FeatureWriter, "_write", disk_full)
+    monkeypatch.setattr(FileSink, "write", disk_full)  # inherited by the forked writing process
     out = str(tmp_path / "f.h5")
     with pytest.raises(FeatureWriteError, match=rf"cannot write features to {out} \(.*No space left on device\)"):
         dump(out, backbone, clips, attrs, batch_size=2)
-    monkeypatch.setattr(FeatureWriter, "_write", real)
+    monkeypatch.setattr(FileSink, "write", real)
     with pytest.raises(FeatureFileError, match="2 of 6 clips done"):
         FeatureFile(out)
     dump(out, backbone, clips, attrs, batch_size=2)  # resumes once there is space again
@@ -193,7 +193,56 @@ def test_writer_chunks_and_pads_variable_annotations(tmp_path):
     assert ff.labels("cls").tolist() == [1, -1, 0] and ff.class_names("cls") == ("a", "b")
     assert ff.clip_index.tolist() == [10, 11, 12]
     with h5py.File(path) as f:
-        assert f["features/t0000/b00"].compression == "lzf"
+        assert f["features/t0000/b00"].compression is None  # float16 activations do not compress
+        assert f["targets/tracks"].chunks == (1, 2, 3)  # one clip a chunk, as its first clip was
+
+
+def write_two_batches(path, **kw):
+    w = FeatureWriter(path, {"num_clips": 4, "first_clip": 0}, feature_shapes={"t0000/b00": (1, 1, 1, 4)},
+                      frame_index=[0], **kw)
+    w.put([0, 1], {"t0000/b00": np.ones((2, 1, 1, 1, 4), np.float16)})
+    return w
+
+
+def test_a_writing_process_that_dies_ends_in_one_sentence_and_the_file_resumes(tmp_path):
+    path = str(tmp_path / "w.h5")
+    w = write_two_batches(path, queue_size=1)
+    w.put([2], {"t0000/b00": np.ones((1, 1, 1, 1, 4), np.float16)})  # waits for [0, 1] to be done
+    w._worker.kill()
+    w._worker.join()
+    with pytest.raises(FeatureWriteError, match=r"the process writing .*w.h5 ended unexpectedly \(exit code -9\); rerun"):
+        for _ in range(3):
+            w.put([3], {"t0000/b00": np.ones((1, 1, 1, 1, 4), np.float16)})
+    w.abort()
+    # the file is intact: what it marks done is written, the rest is written on resuming
+    w = FeatureWriter(path, {"num_clips": 4, "first_clip": 0}, feature_shapes={}, frame_index=[0])
+    todo = w.todo()
+    assert set(todo) >= {3}
+    w.put(todo, {"t0000/b00": np.full((len(todo), 1, 1, 1, 4), 2, np.float16)})
+    w.close()
+    ff = FeatureFile(path)
+    assert ff.features("t0000/b00")[:, 0, 0, 0, 0].tolist() == [2.0 if i in todo else 1.0 for i in range(4)]
+
+
+def test_in_a_daemonic_process_the_writer_is_a_thread(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=_daemon_writes, args=(str(tmp_path / "d.h5"),), daemon=True)
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    ff = FeatureFile(tmp_path / "d.h5", require_complete=False)
+    assert ff.done.tolist() == [True, True, False, False]
+    assert ff.features("t0000/b00", [0, 1]).tolist() == np.ones((2, 1, 1, 1, 4)).tolist()
+
+
+def _daemon_writes(path):
+    import threading
+
+    w = write_two_batches(path)
+    assert isinstance(w._worker, threading.Thread)
+    w.close()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo")

@@ -323,8 +323,8 @@ def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, bat
         for ids, feats in extract(backbone, batches()):
             samples = pending.popleft()
             feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
-            if writer is not None:  # video, labels and annotations are converted in the writing thread
-                writer.put(ids.numpy() - lo, feats16, prepare=lambda s=samples: _extras(s, store_video))
+            if writer is not None:
+                writer.put(ids.numpy() - lo, feats16, **_extras(samples, store_video))
             bar.update(len(ids))
         if writer is not None:
             writer.close()

@@ -6,7 +6,7 @@ Layout of `walt-features/1` (N clips; T' latent frames of h x w tokens; C channe
 
     features/t0200/b02   float16 (N, T', h, w, C)  block 2's output at timestep 200 (0-based blocks)
     features/latent      float16 (N, T', h, w, C)  kind "latents": the autoencoder latents
-                         chunks: one clip, as many whole frames as fit in 1 MiB; lzf
+                         chunks: one clip, as many whole frames as fit in 1 MiB
     frame_index          int64 (T',)    the input frame each latent frame stands for
     done                 bool (N,)      clip n is completely written (set after its data is flushed)
     clip_index           int64 (N,)     the clip's index in the data source (its noise key)
@@ -23,10 +23,10 @@ Root attributes: format, walt_version, git_sha, config (the run's full config as
 kind (walt / random / latents), checkpoint (+ checkpoint_sha256), autoencoder
 (+ autoencoder_sha256), step (-1: final EMA weights), mode, seed, noise_backend, blocks,
 timesteps, data, data_format, split, video_size (T, H, W), num_clips, first_clip (the source
-index of clip 0 of this file), store_video, torch_threads (intra-op threads of the writing
+index of clip 0 of this file), store_video, torch_threads (intra-op threads of the dumping
 process); a joined multi-rank file adds `shards`.
 
-One writer per file, from a background thread: datasets are preallocated and written by clip
+One writer per file, in a process of its own: datasets are preallocated and written by clip
 index, `done` is set only once a clip's data is on disk, so a killed dump resumes at the first clip
 not done, and the result is the file an uninterrupted dump writes. Under torchrun every rank writes
 `<out>.rank{r}-of-{N}.h5` (a contiguous slice of the clips) and `join_shards` writes `<out>`, which
@@ -35,8 +35,9 @@ maps them into one file through HDF5 virtual datasets.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import queue
+import pickle
 import threading
 
 import h5py
@@ -143,7 +144,7 @@ def _read_rows(ds, index) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writer
 class FeatureWriter:
-    """Writes one feature file (or one rank's shard) from a background thread.
+    """Writes one feature file (or one rank's shard) from a process of its own.
 
     Creating: all datasets but the targets are preallocated in `<path>.tmp`, which is renamed to
     `path` once complete. Resuming: an existing `path` is reopened if its attributes match `attrs`
@@ -153,7 +154,13 @@ class FeatureWriter:
             for local_idx, feats, extras in ...:
                 w.put(local_idx, feats, **extras)      # blocks when `queue_size` batches wait
 
-    Errors raised by the writing thread are re-raised in the caller by the next put() or close().
+    Why a process and not a thread: h5py runs much of each write as Python code holding the GIL,
+    and a dump's main thread gives the GIL up and takes it back around every torch op, so a
+    writing thread stalled it far beyond its own CPU time (a third of a small model's throughput
+    on 2 cores). The writing process gets the batches through a pipe and acknowledges each one
+    once it is on disk. It is forked where fork exists (Linux: it starts at once and runs only
+    h5py and numpy), spawned elsewhere; inside a daemonic process, which may not have children,
+    it is a thread. Errors raised there are re-raised here by the next put() or by close().
     """
 
     def __init__(self, path: str, attrs: dict, *, feature_shapes: dict, frame_index, label_names: dict | None = None,
@@ -162,30 +169,35 @@ class FeatureWriter:
         self.attrs = {"format": FORMAT, **attrs}
         self.n = int(self.attrs["num_clips"])
         if os.path.exists(self.path):
-            self._f = self._reopen()
+            self._check_resumable()
         else:
             self._create(feature_shapes, frame_index, label_names or {}, video_shape)
-            self._f = h5py.File(self.path, "r+")
-        self._done = self._f["done"][:]
+        with h5py.File(self.path, "r") as f:
+            self._done = f["done"][:]
         self._error = None
-        self._queue = queue.Queue(maxsize=max(1, queue_size))
-        self._thread = threading.Thread(target=self._run, name="walt-feature-writer", daemon=True)
-        self._thread.start()
+        self._queue_size = max(1, int(queue_size))
+        self._in_flight = 0
         self._closed = False
+        self._conn, theirs = _CONTEXT.Pipe()
+        if multiprocessing.current_process().daemon:
+            self._worker = threading.Thread(target=_serve, args=(self.path, theirs), name="walt-feature-writer",
+                                            daemon=True)
+        else:
+            self._worker = _CONTEXT.Process(target=_serve, args=(self.path, theirs), name="walt-feature-writer",
+                                            daemon=True)
+        self._worker.start()
+        if isinstance(self._worker, multiprocessing.process.BaseProcess):
+            theirs.close()  # the child holds the other end; its exit closes the pipe
 
     # -- opening ---------------------------------------------------------------------------------
-    def _reopen(self):
+    def _check_resumable(self):
         try:
             f = h5py.File(self.path, "r+")
         except OSError as e:
             raise FeatureFileError(f"{self.path} exists but cannot be opened to resume it ({_first_line(e)}); "
                                    "delete it to start over.") from None
-        try:
+        with f:
             check_same_dump(self.path, dict(f.attrs), self.attrs)
-        except FeatureFileError:
-            f.close()
-            raise
-        return f
 
     def _create(self, feature_shapes, frame_index, label_names, video_shape):
         tmp = self.path + ".tmp"
@@ -195,8 +207,10 @@ class FeatureWriter:
                 for key, value in self.attrs.items():
                     f.attrs[key] = value
                 for key, shape in feature_shapes.items():
+                    # Not compressed: float16 activations do not shrink under lzf (the same bytes,
+                    # written 2.3x slower); the video and most annotations shrink 7x.
                     f.create_dataset(f"features/{key}", shape=(n, *shape), dtype=np.float16,
-                                     chunks=feature_chunks(shape), compression="lzf")
+                                     chunks=feature_chunks(shape))
                 f.create_dataset("frame_index", data=np.asarray(frame_index, np.int64))
                 f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
                 first = int(self.attrs.get("first_clip", 0))
@@ -215,19 +229,47 @@ class FeatureWriter:
 
     # -- state -----------------------------------------------------------------------------------
     def todo(self) -> np.ndarray:
-        """Local indices (0..num_clips-1) of the clips not done, ascending."""
+        """Local indices (0..num_clips-1) of the clips not done when the writer opened, ascending."""
         return np.nonzero(~self._done)[0]
 
     # -- writing ---------------------------------------------------------------------------------
-    def put(self, index, features: dict, video=None, labels: dict | None = None, targets: list | None = None,
-            prepare=None):
+    def put(self, index, features: dict, video=None, labels: dict | None = None, targets: list | None = None):
         """Queue clips `index` (local indices, ascending) for writing: features {key: (B, ...) float16},
-        video (B, T, H, W, 3) uint8, labels {task: (B,) int}, targets [one {name: array} per clip].
-        `prepare`, a callable returning {"video", "labels", "targets"}, makes them in the writing
-        thread instead (conversions that need not hold up the caller)."""
+        video (B, T, H, W, 3) uint8, labels {task: (B,) int}, targets [one {name: array} per clip]."""
+        self._collect(block=False)
+        while self._in_flight >= self._queue_size and self._error is None:
+            self._collect(block=True)
         self._raise()
-        self._queue.put((np.asarray(index, np.int64), features, video, labels or {}, targets, prepare))
-        self._raise()
+        self._send((np.asarray(index, np.int64), features, video, labels or {}, targets or []))
+        self._in_flight += 1
+
+    def _send(self, item):
+        try:
+            self._conn.send(item)
+        except OSError:
+            self._error = self._error or self._worker_gone()
+            self._raise()
+
+    def _worker_gone(self) -> FeatureWriteError:
+        code = getattr(self._worker, "exitcode", None)
+        return FeatureWriteError(f"the process writing {self.path} ended unexpectedly (exit code {code}); "
+                                 "rerun the dump to resume it.")
+
+    def _collect(self, block: bool):
+        """Take the writing side's acknowledgements: all that are ready (and wait for one if `block`)."""
+        while self._in_flight and (block or self._conn.poll()):
+            block = False
+            try:
+                kind, value = self._conn.recv()
+            except (EOFError, OSError):
+                self._in_flight = 0
+                self._error = self._error or self._worker_gone()
+                return
+            self._in_flight -= 1
+            if kind == "done":
+                self._done[value] = True
+            elif kind == "error" and self._error is None:
+                self._error = value
 
     def _raise(self):
         if self._error is not None:
@@ -235,26 +277,131 @@ class FeatureWriter:
             self._shutdown()
             raise err
 
-    def _run(self):
+    # -- closing ---------------------------------------------------------------------------------
+    def _shutdown(self):
+        """Let the writing side finish what it was sent, close the file and end."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drain: the caller sees the error on its next put() or close()
             try:
-                self._write(*item)
-            except OSError as e:
-                self._error = FeatureWriteError(f"cannot write features to {self.path} ({_first_line(e)}); free "
-                                                "space or choose another --out, then rerun to resume.")
-            except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
-                self._error = e
+                kind, value = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            if kind == "closed":
+                if value is not None and self._error is None:
+                    self._error = value
+                break
+            if kind == "done":
+                self._done[value] = True
+            elif kind == "error" and self._error is None:
+                self._error = value
+        self._in_flight = 0
+        self._worker.join()
+        self._conn.close()
 
-    def _write(self, index, features, video, labels, targets, prepare=None):
-        f = self._f
-        if prepare is not None:
-            extra = prepare()
-            video, labels, targets = extra.get("video", video), extra.get("labels", labels), extra.get("targets", targets)
+    def close(self):
+        """Wait for every queued batch, close the file, re-raise a writing error."""
+        self._shutdown()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def abort(self):
+        """Stop after the batches already queued; the file keeps its `done` mask for a resume."""
+        self._shutdown()
+        self._error = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+# Fork where it exists: the writing process starts at once and inherits h5py already imported
+# (a spawned one would import walt and torch first, seconds per file).
+_CONTEXT = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+
+
+def _serve(path: str, conn):
+    """The writing side of a FeatureWriter: writes each batch it receives, answers ("done", index)
+    or ("error", exception) for each, and ("closed", error or None) last. It stops at None or when
+    the dumping process is gone (after writing what it was sent)."""
+    failed, sink = False, None
+    try:
+        sink = FileSink(path)
+        while True:
+            try:
+                item = conn.recv()
+            except (EOFError, OSError):
+                break
+            if item is None:
+                break
+            if failed:
+                conn.send(("skipped", None))  # drain: the caller has the error already
+                continue
+            try:
+                sink.write(*item)
+                conn.send(("done", item[0]))
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+                failed = True
+                conn.send(("error", _writing_error(path, e)))
+    except BaseException as e:  # noqa: BLE001
+        failed = True
+        _send_quietly(conn, ("error", _writing_error(path, e)))
+    closing = None
+    if sink is not None:
+        try:
+            sink.close()
+        except OSError as e:
+            closing = None if failed else FeatureWriteError(f"cannot write features to {path} ({_first_line(e)}).")
+    _send_quietly(conn, ("closed", closing))
+    conn.close()
+
+
+def _send_quietly(conn, message):
+    try:
+        conn.send(message)
+    except OSError:
+        pass  # the dumping process is gone
+
+
+def _writing_error(path: str, e: BaseException) -> BaseException:
+    """What the caller re-raises: one sentence for an I/O error, else the exception itself (or, if
+    it cannot cross the pipe, a RuntimeError naming it)."""
+    if isinstance(e, OSError):
+        return FeatureWriteError(f"cannot write features to {path} ({_first_line(e)}); free space or choose "
+                                 "another --out, then rerun to resume.")
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"writing {path} failed: {type(e).__name__}: {_first_line(e)}")
+
+
+class FileSink:
+    """The file side of a FeatureWriter: an open feature file that batches of clips are written to.
+
+    A batch's data is flushed to the file before its clips are marked done; the marks reach the
+    disk with the next batch's flush (or at close), so a killed dump loses at most the batches in
+    flight, and resumes at the first clip not done."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.f = h5py.File(path, "r+")
+        self.n = len(self.f["done"])
+
+    def write(self, index, features, video, labels, targets):
+        f = self.f
         for lo, hi, off in _runs(index):
             sl = np.s_[off:off + hi - lo]
             for key, arr in features.items():
@@ -264,11 +411,9 @@ class FeatureWriter:
             for task, values in labels.items():
                 if f"labels/{task}" in f:
                     f[f"labels/{task}"][lo:hi] = np.asarray(values, np.int64)[sl]
-        self._write_targets(index, targets or [])
-        f.flush()  # the clips' data is on disk before they are marked done
+        self._write_targets(index, targets)
+        f.flush()  # the clips' data is in the file before they are marked done
         f["done"][index] = True
-        f.flush()
-        self._done[index] = True
 
     def _write_targets(self, index, targets):
         """Annotations of clips `index`: one write per run of clips where every clip's array has the
@@ -276,10 +421,10 @@ class FeatureWriter:
         names = {name for clip in targets for name in clip}
         for name in sorted(names):
             values = [np.asarray(clip[name]) if name in clip else None for clip in targets]
-            ds = self._f.get(f"targets/{name}")
+            ds = self.f.get(f"targets/{name}")
             if ds is None and all(v is not None for v in values):
                 self._write_target(name, int(index[0]), values[0])  # creates it
-                ds = self._f.get(f"targets/{name}")
+                ds = self.f.get(f"targets/{name}")
             if ds is not None and all(v is not None and v.shape == ds.shape[1:] and v.dtype.kind in "biuf"
                                       for v in values):
                 stacked = np.stack(values).astype(ds.dtype, copy=False)
@@ -291,7 +436,7 @@ class FeatureWriter:
                     self._write_target(name, int(i), v)
 
     def _write_target(self, name, i, value):
-        f = self._f
+        f = self.f
         key = f"targets/{name}"
         if value.dtype.kind not in "biuf":
             return  # strings and objects are not annotations a probe reads
@@ -307,46 +452,8 @@ class FeatureWriter:
             ds.resize((self.n, *grown))
         ds[(i, *(slice(0, s) for s in value.shape))] = value.astype(ds.dtype, copy=False)
 
-    # -- closing ---------------------------------------------------------------------------------
-    def _shutdown(self):
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join()
-        try:
-            self._f.close()
-        except OSError:
-            pass
-
     def close(self):
-        """Wait for every queued batch, close the file, re-raise a writing error."""
-        if not self._closed:
-            self._queue.put(None)
-            self._thread.join()
-            self._closed = True
-            try:
-                self._f.close()
-            except OSError as e:
-                if self._error is None:
-                    self._error = FeatureWriteError(f"cannot write features to {self.path} ({_first_line(e)}).")
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-    def abort(self):
-        """Stop after the batches already queued; the file keeps its `done` mask for a resume."""
-        self._shutdown()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
+        self.f.close()
 
 
 def _first_line(e) -> str:
