@@ -4,6 +4,7 @@ import torch
 
 from backends import NOISE_BACKENDS, one_thread  # noqa: F401  (one_thread: autouse)
 from walt.diffusion import Diffusion, DiffusionConfig, ddim_sample, ddim_timesteps, make_schedule
+from walt.ops.noise import coefficients
 from walt.ops.reference import add_noise_reference
 
 
@@ -90,8 +91,7 @@ def test_ddim_with_the_true_v_recovers_x0():
     x0 = torch.rand(2, 5, 4, 4, 8) * 2 - 1
 
     def oracle(x_t, t, self_cond=None, y=None):
-        a = ab[t].sqrt().float().reshape(-1, 1, 1, 1, 1)
-        s = (1 - ab[t]).sqrt().float().reshape(-1, 1, 1, 1, 1)
+        a, s = coefficients(ab, t, x_t.dim(), torch.float32)
         return (a * x_t - x0) / s
 
     out = ddim_sample(oracle, torch.randn_like(x0), ab, sample_steps=50)
@@ -106,8 +106,7 @@ def test_ddim_with_the_exact_denoiser_lands_on_the_data():
     points = torch.randn(4, 16, generator=g)
 
     def denoiser(x_t, t, self_cond=None, y=None):
-        a = ab[t].sqrt().float()[:, None]
-        s = (1 - ab[t]).sqrt().float()[:, None]
+        a, s = coefficients(ab, t, x_t.dim(), torch.float32)
         logits = -((x_t[:, None] - a[:, None] * points[None]) ** 2).sum(-1) / (2 * s**2)
         x0 = logits.softmax(-1) @ points  # E[x0 | x_t]
         return (a * x_t - x0) / s
