@@ -520,8 +520,8 @@ class _Metrics:
         if self.tb is not None:
             for k, v in rec.items():
                 if k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
-        log.info("step %d loss %.5f lr %.2e grad %.3f", rec["step"], rec["loss"], rec["lr"], rec["grad_norm"])
+                    self.tb.add_scalar(k, v, step)
+        log.info("step %d loss %.5f lr %.2e grad %.3f", step, loss, lr, grad_norm)
 
     def __enter__(self):
         return self
