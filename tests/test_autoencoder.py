@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from backends import one_thread  # noqa: F401  (autouse)
 from walt.models import AUTOENCODER_PRESETS, AutoencoderConfig, CausalVAE
 from walt.models.autoencoder import PatchDiscriminator3D, kl_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vae(**over):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import WALT_ROOT, child_env, run_python, run_with_file_size_limit
 from walt.cli.data import main as cli
 from walt.data.dataset import ClipDataset, FrameDataset
 from walt.data.store import FORMAT, WorldStore, generate, read_manifest
@@ -230,42 +231,22 @@ def test_library_generate_validates_before_writing(tmp_path):
         assert not os.path.exists(out)
 
 
-_WRITE_LIMITED = """
-import resource, sys
-if __name__ == "__main__":
-    limit = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a write past `limit` bytes fails (EFBIG)
-    from walt.cli.data import main
-    main(sys.argv[2:], prog_name="walt-data")
-"""
-
-
 @pytest.mark.parametrize("workers", ["0", "1", "2"])
 def test_a_write_error_ends_in_one_sentence_and_a_rerun_continues(tmp_path, workers):
     """A full disk, simulated with a file-size limit: shards over the limit cannot be written. Before,
     HDF5 crashed the process (exit 139) with 0 or 1 workers."""
-    import subprocess
-    import sys
-
-    import walt
-
-    root = os.path.dirname(os.path.dirname(walt.__file__))
-    script = tmp_path / "limited.py"
-    script.write_text(_WRITE_LIMITED)
     out = str(tmp_path / "ds")
     args = ["generate", "--out", out, "--train", "6", "--val", "0", "--test", "0", "--size", "32", "--frames", "5",
             "--track-points", "4", "--textures", "procedural", "--shard-size", "1", "--workers", workers]
     one_clip = len(_shard(SMALL_32, 0))
-    res = subprocess.run([sys.executable, str(script), str(int(one_clip * 0.8)), *args], cwd=root,
-                         env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
+    res = run_with_file_size_limit(tmp_path, int(one_clip * 0.8), "data", args)
     assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert re.search(r"^Error: cannot write .*/ds/train-0000\d\.h5: File too large; .* rerun the same command", lines[0])
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
     read_manifest(out)  # still valid JSON with its format
-    res = subprocess.run([sys.executable, "-m", "walt.cli.data", *args], cwd=root, env={**os.environ, "PYTHONPATH": root},
-                         capture_output=True, text=True, timeout=300)
+    res = run_python("-m", "walt.cli.data", *args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(WorldStore(out, "train")) == 6
 
@@ -342,13 +323,10 @@ def test_killing_generate_kills_its_workers(tmp_path):
     import sys
     import time
 
-    import walt
-
-    root = os.path.dirname(os.path.dirname(walt.__file__))
     out = str(tmp_path / "ds")
     proc = subprocess.Popen([sys.executable, "-m", "walt.cli.data", "generate", "--out", out, "--train", "400", "--val", "0",
                              "--test", "0", "--size", "32", "--frames", "9", "--track-points", "4", "--shard-size", "2",
-                             "--workers", "2", "--textures", "procedural"], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                             "--workers", "2", "--textures", "procedural"], cwd=WALT_ROOT, env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kids = []
     try:

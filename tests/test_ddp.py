@@ -1,25 +1,16 @@
 """2-process gloo DDP under torchrun matches one process with the same global batch."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import make_ae_run, tiny_sets
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import make_ae_run, run_python, tiny_sets
 
 
 def _walt_train(args, nproc=None):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "walt.cli.train"]
-    else:
-        cmd = [sys.executable, "-m", "walt.cli.train"]
-    res = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    res = run_python(*torchrun, "-m", "walt.cli.train", *args, OMP_NUM_THREADS="1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 

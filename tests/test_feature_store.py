@@ -3,15 +3,13 @@ what 1 process writes, and the reader refuses incomplete, truncated and mismatch
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from backends import one_thread  # noqa: F401  (autouse)
 
+from conftest import run_python
 from walt.data.store import WorldStore
 from walt.features import (
     FeatureFile,
@@ -23,7 +21,7 @@ from walt.features.dump import PreparedClips, dump, load_backbone
 from walt.features.extract import Backbone
 from walt.features.h5 import FileSink, feature_chunks, shard_path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def setup_dump(tiny, run="video", blocks=(0, 1), t=(0, 200)):
@@ -251,11 +249,9 @@ def test_two_ranks_write_what_one_process_writes(tiny, tmp_path):
     one = str(tmp_path / "one.h5")
     dump(one, backbone, clips, {**attrs, "data": os.path.abspath(tiny["world"])}, batch_size=2)
     two = str(tmp_path / "two" / "feats.h5")
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "walt.cli.probe",
-           "--", "dump", "--run", tiny["video"], "--data", tiny["world"], "--blocks", "0,1", "--t", "0,200", "--out", two,
-           "--batch-size", "2", "--device", "cpu"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    res = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "walt.cli.probe",
+                     "--", "dump", "--run", tiny["video"], "--data", tiny["world"], "--blocks", "0,1", "--t", "0,200",
+                     "--out", two, "--batch-size", "2", "--device", "cpu", OMP_NUM_THREADS="1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert os.path.exists(shard_path(two, 0, 2)) and os.path.exists(shard_path(two, 1, 2))
     assert_same_contents(one, two)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from backends import one_thread  # noqa: F401  (autouse)
 from walt import runs
 from walt.cli.probe import main as cli
 from walt.data.modes import latents_for
@@ -17,6 +16,8 @@ from walt.data.store import WorldStore
 from walt.features import FeatureFile, FeatureFileError, extract
 from walt.features.dump import PreparedClips, load_backbone
 from walt.models import WALT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def world_clips(tiny, backbone_size):

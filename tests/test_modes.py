@@ -2,11 +2,10 @@
 import pytest
 import torch
 
+from conftest import TINY_AE
 from walt.data.modes import frame_index, latent_frames, latents_for
 from walt.models import CausalVAE
 from walt.models.autoencoder import AutoencoderConfig
-
-TINY_AE = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, spatial_factor=4, temporal_factor=4, groups=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,60 +9,18 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from backends import FUSED_BUILT, FUSED_NOISE_BUILT, one_thread  # noqa: F401  (one_thread: autouse)
-from walt.cli.train import main as cli
-from walt.config import ConfigError, RunConfig, merge, resolve, to_yaml
-from walt.diffusion import Diffusion, DiffusionConfig
-from walt.models import TRANSFORMER_PRESETS, WALT, CausalVAE, TransformerConfig
+from conftest import TINY_AE, run, run_python, run_with_file_size_limit, tiny_sets
 from walt import runs
-from walt.train import checkpoint
+from walt.cli.train import main as cli
+from walt.config import ConfigError, resolve, to_yaml
 from walt.data.dataset import FrameDataset
-from walt.train.data import StepBatches
-from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, RunInUse, lock_run_dir, lr_factor, train
 from walt.data.synthetic import MovingShapes
+from walt.diffusion import Diffusion, DiffusionConfig
+from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig
+from walt.train.data import StepBatches
+from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, RunInUse, lock_run_dir, lr_factor
 
-TINY_AE = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, spatial_factor=4, temporal_factor=4, groups=8)
-
-
-def make_ae_run(out_dir):
-    """A tiny (untrained) autoencoder run directory, as `walt-train autoencoder` leaves one."""
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = merge(RunConfig(), {"stage": "autoencoder", "autoencoder": TINY_AE})
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    torch.manual_seed(0)
-    vae = CausalVAE(cfg.autoencoder)
-    for mode in ("video", "image"):
-        vae.set_latent_stats(mode, torch.zeros(8), torch.full((8,), 0.5))
-    checkpoint.export_safetensors(os.path.join(out_dir, "model.safetensors"), vae)
-    return str(out_dir)
-
-
-@pytest.fixture(scope="module")
-def ae_run(tmp_path_factory):
-    return make_ae_run(tmp_path_factory.mktemp("ae"))
-
-
-def tiny_sets(out_dir, ae_run=None, steps=6, **extra):
-    sets = {
-        "out_dir": str(out_dir),
-        "model.depth": 2, "model.width": 32, "model.heads": 2,
-        "data.num_clips": 8, "data.frames": 5, "data.size": 16,
-        "train.steps": steps, "train.batch_size": 4, "train.ckpt_every": 3, "train.log_every": 1,
-        "train.num_samples": 2, "diffusion.sample_steps": 4, "ae_loss.stats_batches": 2,
-    }
-    if ae_run:
-        sets["autoencoder_run"] = ae_run
-    sets.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()]
-
-
-def run(stage, sets, resume=False, stop_after=None):
-    from walt.train import autoencoder, diffusion
-
-    cfg = resolve("cpu", sets=sets, extra={"stage": stage})
-    task = autoencoder.make_task if stage == "autoencoder" else diffusion.make_task
-    return train(cfg, task, resume=resume, stop_after=stop_after)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(out, name="model.safetensors"):
@@ -91,9 +49,7 @@ def test_tiny_model_overfits_a_tiny_set():
     assert losses[-1] < losses[0] / 10
 
 
-@pytest.mark.parametrize("mode,backend", [("video", "torch"), ("image", "torch"), *(
-    [pytest.param("video", "fused", marks=pytest.mark.skipif(not (FUSED_BUILT and FUSED_NOISE_BUILT), reason="fused ops not built"))]
-)])
+@pytest.mark.parametrize("mode,backend", [("video", "torch"), ("image", "torch"), ("video", "fused")])
 def test_diffusion_resume_is_bit_exact(tmp_path, ae_run, mode, backend):
     over = {"model.mode": mode, "model.attention_backend": backend, "diffusion.noise_backend": backend}
     full = run("diffusion", tiny_sets(tmp_path / "full", ae_run, **over))
@@ -565,41 +521,20 @@ def test_exported_weights_have_the_mode_of_every_other_output(tmp_path, ae_run):
     assert mode("model.safetensors") == mode("ema.safetensors") == mode("config.yaml") == mode("checkpoint.pt")
 
 
-_WRITE_LIMITED = """
-import resource, sys
-if __name__ == "__main__":
-    limit = int(sys.argv[1])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # a write past `limit` bytes fails (EFBIG)
-    from walt.cli.train import main
-    main(sys.argv[2:], prog_name="walt-train")
-"""
-
-
 def test_a_write_error_ends_in_one_sentence_and_keeps_what_was_written(tmp_path):
     """A full disk, simulated with a file-size limit the checkpoint exceeds."""
-    import subprocess
-    import sys
-
-    import walt
-
-    root = os.path.dirname(os.path.dirname(walt.__file__))
-    script = tmp_path / "limited.py"
-    script.write_text(_WRITE_LIMITED)
     out = tmp_path / "ae"
     args = ["autoencoder", "--out", str(out)]
     for s in tiny_sets(out, steps=2, **{"autoencoder.base_channels": 8, "autoencoder.groups": 8, "train.ckpt_every": 1}):
         if not s.startswith("out_dir="):
             args += ["--set", s]
-    env = {**os.environ, "PYTHONPATH": root}
-    res = subprocess.run([sys.executable, str(script), "20000", *args], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = run_with_file_size_limit(tmp_path, 20000, "train", args)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (
         f"Error: cannot write {out / 'checkpoint.pt'}: File too large; files written before are kept: free space "
         "(or fix the file system) and rerun without --resume")
     assert not [n for n in os.listdir(out) if ".tmp" in n] and (out / "config.yaml").exists()
-    res = subprocess.run([sys.executable, "-m", "walt.cli.train", *args], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = run_python("-m", "walt.cli.train", *args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "model.safetensors").exists()
 

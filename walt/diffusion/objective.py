@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from walt.diffusion.schedules import make_schedule
+from walt.ops.noise import coefficients
 from walt.ops.unfused import per_sample_randn
 from walt.seeding import mix_seed  # noqa: F401  (re-exported: the loop and the tasks seed from it)
 
@@ -38,8 +39,8 @@ class Diffusion:
         )  # float64, on CPU; moved per use
 
     def _coeffs(self, t, like):
-        ab = self.alphas_cumprod.to(like.device)[t.long()].reshape(-1, *([1] * (like.dim() - 1)))
-        return ab.sqrt().to(like.dtype), (1 - ab).sqrt().to(like.dtype)
+        """sqrt(ab[t]), sqrt(1 - ab[t]) computed in float64, shaped and typed to broadcast over `like`."""
+        return coefficients(self.alphas_cumprod.to(like.device), t, like.dim(), like.dtype)
 
     def add_noise(self, x0, t, seed=0, keys=None, noise=None):
         """(x_t, v target) for clean x0 at per-sample timesteps t."""

@@ -2,6 +2,8 @@
 import torch
 from tqdm.auto import tqdm
 
+from walt.ops.noise import coefficients
+
 
 def ddim_timesteps(num_steps, sample_steps):
     """Trailing spacing (Lin et al. 2024): starts at the last step, where zero-terminal SNR gives
@@ -20,16 +22,15 @@ def ddim_sample(model, noise, alphas_cumprod, sample_steps=50, self_cond=True, y
     ε = s·x_t + a·v, then moves to the next timestep along the deterministic DDIM path; the x0
     estimate is fed back as the self-conditioning input.
     """
-    ab = alphas_cumprod.to(torch.float64)
-    steps = ddim_timesteps(len(ab), sample_steps)
+    steps = ddim_timesteps(len(alphas_cumprod), sample_steps)
+    a, s = (c.tolist() for c in coefficients(alphas_cumprod.to(torch.float64), torch.tensor(steps)))
+    a, s = a + [1.0], s + [0.0]  # the path ends at ab = 1: x0 itself
     x = noise
     x0 = torch.zeros_like(x)
     for i, t in enumerate(tqdm(steps, desc="ddim", disable=not progress, leave=False)):
-        a, s = ab[t].sqrt().item(), (1 - ab[t]).sqrt().item()
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         v = model(x, tt, self_cond=x0 if self_cond else torch.zeros_like(x), y=y).to(x.dtype)
-        x0 = a * x - s * v
-        eps = s * x + a * v
-        ab_next = ab[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-        x = ab_next**0.5 * x0 + (1 - ab_next) ** 0.5 * eps
+        x0 = a[i] * x - s[i] * v
+        eps = s[i] * x + a[i] * v
+        x = a[i + 1] * x0 + s[i + 1] * eps
     return x

@@ -100,11 +100,17 @@ def _describe(x):
     return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _coefficients(alphas_cumprod, t, dtype, ndim):
-    """a = sqrt(ab[t]), s = sqrt(1 - ab[t]) in the compute dtype of `dtype`, shaped (B, 1, ...)."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    ab = alphas_cumprod.to(compute)[t.long()].reshape(-1, *([1] * (ndim - 1)))
-    return ab**0.5, (1 - ab) ** 0.5  # the forward's coefficients, computed the same way
+def coefficients(alphas_cumprod, t, ndim=1, dtype=None):
+    """a = sqrt(ab[t]) and s = sqrt(1 - ab[t]), shaped (B, 1, ...) to broadcast over ndim-d tensors.
+
+    The one place walt computes them (the op's backward, the torch noise path, the sampler and the
+    float64 oracle): in the dtype of the table passed, so the caller chooses the precision, then
+    cast to `dtype` if given. `** 0.5` is torch's, as the forward and diffusers use (torch runs it
+    as a correctly rounded sqrt).
+    """
+    ab = alphas_cumprod[t.long()].reshape(-1, *([1] * (ndim - 1)))
+    a, s = ab**0.5, (1 - ab) ** 0.5
+    return (a, s) if dtype is None else (a.to(dtype), s.to(dtype))
 
 
 @torch.library.register_fake("walt::add_noise")
@@ -121,7 +127,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_xt, grad_target):
     """x_t = a x0 + s eps and the target (v = a eps - s x0, eps or x0), differentiated."""
     t, alphas_cumprod = ctx.saved_tensors
-    a, s = _coefficients(alphas_cumprod, t, ctx.dtype, ctx.ndim)
+    compute = torch.float64 if ctx.dtype == torch.float64 else torch.float32  # the forward's coefficients
+    a, s = coefficients(alphas_cumprod.to(compute), t, ctx.ndim)
     g_xt, g_tg = grad_xt.to(a.dtype), grad_target.to(a.dtype)
     if ctx.target == "v":
         grad_x0, grad_noise = a * g_xt - s * g_tg, s * g_xt + a * g_tg

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from walt.ops.noise import coefficients
+
 
 def clamp_window(window, size):
     """The window actually used on an input of spatial-temporal `size` (T, H, W)."""
@@ -67,8 +69,7 @@ def add_noise_reference(x0, t, alphas_cumprod, noise, target="v"):
         eps = noise                                          (target="eps")
         x0  = x0                                             (target="x0")
     """
-    ab = alphas_cumprod.to(torch.float64)[t.long()].reshape(-1, *([1] * (x0.dim() - 1)))
-    a, s = ab.sqrt(), (1 - ab).sqrt()
+    a, s = coefficients(alphas_cumprod.to(torch.float64), t, x0.dim())  # in float64, whatever the table
     x0d, nd = x0.to(torch.float64), noise.to(torch.float64)
     x_t = a * x0d + s * nd
     targets = {"v": lambda: a * nd - s * x0d, "eps": lambda: nd, "x0": lambda: x0d}

@@ -6,15 +6,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from walt.models.autoencoder import CausalVAE, PatchDiscriminator3D, kl_loss
-from walt.train import distributed
 from walt.data.dataset import build_dataset
 from walt.data.modes import MODES, frames_as_images
+from walt.train import distributed
 from walt.train.data import collate
+from walt.train.loop import Task
 
 log = logging.getLogger("walt.train")
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
     def __init__(self, cfg, dist):
         if cfg.ae_loss.recon not in ("l1", "l2"):
             raise ValueError(f"ae_loss.recon must be 'l1' or 'l2', got {cfg.ae_loss.recon!r}")
@@ -31,7 +32,7 @@ class AutoencoderTask:
     def _adversarial(self, step):
         return self.disc is not None and step >= self.cfg.ae_loss.disc_start
 
-    def loss(self, model, video, step, keys):
+    def loss(self, model, video, step, keys, raw):
         lc = self.cfg.ae_loss
         recon, mean, logvar = model(video)
         rec = (recon - video).abs().mean() if lc.recon == "l1" else F.mse_loss(recon, video)
@@ -71,9 +72,6 @@ class AutoencoderTask:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
 
-    def sample(self, model, step, out_dir):
-        pass
-
     @torch.no_grad()
     def finish(self, model, ema, step, out_dir):
         """Per-channel mean/std of the posterior means over (a share of) the training data, for each
@@ -103,5 +101,4 @@ class AutoencoderTask:
                      [round(x, 3) for x in mean.tolist()], [round(x, 3) for x in std.tolist()])
 
 
-def make_task(cfg, dist):
-    return AutoencoderTask(cfg, dist)
+make_task = AutoencoderTask

@@ -20,13 +20,14 @@ from walt.diffusion.objective import Diffusion, mix_seed
 from walt.diffusion.sampler import ddim_sample
 from walt.models.transformer import WALT
 from walt.runs import load_autoencoder
+from walt.train.loop import Task
 
 log = logging.getLogger("walt.train")
 
 _IMAGE_KEYS = 1 << 40  # keys of V-WALT's image-step frames: apart from every clip's key
 
 
-class DiffusionTask:
+class DiffusionTask(Task):
     def __init__(self, cfg, dist):
         if not cfg.autoencoder_run:
             raise ValueError("the diffusion stage needs autoencoder_run: the output directory of a `walt-train autoencoder` run")
@@ -85,7 +86,7 @@ class DiffusionTask:
         frame_keys = (_IMAGE_KEYS + keys[:, None] * n + torch.arange(n)).reshape(-1)
         return frames, frame_keys
 
-    def loss(self, model, video, step, keys):
+    def loss(self, model, video, step, keys, raw):
         if self._image_step(step):
             video, keys = self._frames_of(video, keys)
         if self.cached:
@@ -93,25 +94,15 @@ class DiffusionTask:
         else:
             with torch.no_grad():  # fp32 targets even under bf16 autocast
                 x0 = latents_for(self.mode, self.vae, video)
-        raw = model.module if hasattr(model, "module") else model
-        raw = getattr(raw, "_orig_mod", raw)
+        # The self-conditioning estimate is a no-grad pass: the raw module, outside DDP and torch.compile.
         loss = self.diffusion.loss(model, x0, seed=self.cfg.train.seed, keys=keys, estimator=raw)  # keys stay on the CPU
         return loss, {}
-
-    def after_step(self, video, step):
-        return {}
 
     def tokens(self, video):
         """Latent tokens of one step's batch (an image step of V-WALT has as many as a clip step)."""
         T, H, W = self.latent_shape[:3]
         p = self.cfg.model.patch_size
         return video.shape[0] * T * (H // p) * (W // p)
-
-    def extra_state(self):
-        return {}
-
-    def load_extra_state(self, state):
-        pass
 
     @torch.no_grad()
     def sample(self, model, step, out_dir):
@@ -138,5 +129,4 @@ class DiffusionTask:
         self.sample(ema if ema is not None else model, step, out_dir)
 
 
-def make_task(cfg, dist):
-    return DiffusionTask(cfg, dist)
+make_task = DiffusionTask

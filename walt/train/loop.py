@@ -1,9 +1,9 @@
 """The training loop shared by both stages.
 
-A stage supplies a task: the model to train, its dataset and its loss (plus optional extra
-state such as a discriminator, and work to do when training ends). The loop owns everything
-else: devices and DDP, AdamW with warmup + cosine, clipping, EMA, autocast, checkpoints and
-resume, metrics and progress.
+A stage supplies a `Task`: the model to train, its dataset and its loss (plus, where it has
+them, extra state such as a discriminator and work to do when training ends). The loop owns
+everything else: devices and DDP, AdamW with warmup + cosine, clipping, EMA, autocast,
+checkpoints and resume, metrics and progress.
 
 Everything random in a step is seeded from (seed, step, rank) and the data order is a function
 of the step, so `--resume` continues bit-exactly and the RNG states in the checkpoint are kept
@@ -28,12 +28,49 @@ from tqdm.auto import tqdm
 
 from walt.config import RESUMABLE_CHANGES, diff, to_dict, to_yaml, validate
 from walt.diffusion.objective import mix_seed
-from walt.runs import autoencoder_config
+from walt.runs import autoencoder_config, snapshot_path
 from walt.train import checkpoint as ckpt
 from walt.train import distributed
 from walt.train.data import StepBatches, collate
 
 log = logging.getLogger("walt.train")
+
+
+class Task:
+    """What a stage gives the loop: `model`, `dataset`, `loss` and `tokens`; the other hooks do nothing
+    unless a stage has work for them."""
+
+    model: torch.nn.Module
+    dataset: torch.utils.data.Dataset
+    batch_size = None  # examples per step when not train.batch_size (I-WALT with matched tokens: frames)
+    collate = staticmethod(collate)
+
+    def loss(self, model, batch, step, keys, raw):
+        """(loss, logs) of one (micro-)batch: `model` is the module being trained, possibly wrapped in DDP
+        and torch.compile; `raw` is the same module unwrapped, for passes that must not go through them."""
+        raise NotImplementedError
+
+    def tokens(self, batch):
+        """The tokens (or pixels) of one step's batch on this rank, for throughput."""
+        raise NotImplementedError
+
+    def after_step(self, batch, step):
+        """Work after the optimizer step (a discriminator's update); returns logs."""
+        return {}
+
+    def extra_state(self):
+        """State of the stage's own to checkpoint (a discriminator and its optimizer)."""
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def sample(self, model, step, out_dir):
+        pass
+
+    def finish(self, model, ema, step, out_dir):
+        """At the last step, before its checkpoint (latent statistics, final samples)."""
+        pass
 
 
 class NonFiniteLoss(RuntimeError):
@@ -277,188 +314,258 @@ def _train(cfg, make_task, dist, resume, stop_after):
 
 
 def _train_locked(cfg, task, dist, resume, stop_after):
-    tc = cfg.train
-    out = cfg.out_dir
+    tc, out, device = cfg.train, cfg.out_dir, dist.device
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    cfg_path = os.path.join(out, "config.yaml")
     if dist.main:
-        with open(cfg_path, "w") as f:
+        with open(os.path.join(out, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
     distributed.barrier()
     _setup_logging(out, dist.main)
-    device = dist.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
+    state, train_model = _build(task, tc, dist)
+    model, ema = state.model, state.ema
+    start = _resume(state, cfg, ckpt_path) if resume else 0
+    log.info("%s stage: %.2fM parameters, %d steps, global batch %d on %d x %s", cfg.stage,
+             sum(p.numel() for p in model.parameters()) / 1e6, tc.steps, tc.batch_size, dist.world, device)
+    sampler, loader = _data(task, cfg, dist, start)
+    keep = snapshot_steps(tc.keep_every, tc.steps) if ema is not None else set()
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    last_saved = start if resume else None
 
+    def stop(what, value, step):
+        _stop(cfg.stage, what, value, step, ckpt_path, last_saved)
+
+    bar = tqdm(total=end - start, desc=cfg.stage, disable=not (dist.main and sys.stderr.isatty()), dynamic_ncols=True)
+    with bar, _Metrics(out, start, dist, tc.tensorboard) as metrics, _StopSignals() as signals:
+        it = iter(loader)
+        step = start
+        while step < end:
+            batch = next(it).to(device, non_blocking=True)
+            loss, grad_norm, logs = _train_step(state, train_model, batch, sampler.keys(step), step, cfg, dist, stop)
+            step += 1
+            bar.update(1)
+            step_tokens = task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
+            metrics.count(step_tokens)
+            if step in keep and dist.main:  # EMA snapshots for the training-budget sweep
+                os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
+                ckpt.export_safetensors(snapshot_path(out, step), ema, {"config": to_yaml(cfg), "step": str(step)})
+            if step % tc.log_every == 0 or step == end:
+                mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / dist.world
+                metrics.write(step, mean_loss, state.sched.get_last_lr()[0], float(grad_norm), step_tokens, logs)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                task.sample(ema if ema is not None else model, step, out)
+            if step % tc.ckpt_every == 0 or step == end:
+                if step == tc.steps:
+                    task.finish(model, ema, step, out)
+                _save(state, step, cfg, ckpt_path, dist)
+                last_saved = step
+            if step < end and signals.received_on_any_rank(device):
+                _save(state, step, cfg, ckpt_path, dist)
+                log.warning("stop requested by signal: checkpoint at step %d written; continue with --resume", step)
+                raise Interrupted(out, step, tc.steps, signals.signum)
+    if step == tc.steps:
+        if start == tc.steps:  # resumed a finished run: nothing to do but re-export
+            log.info("%s is already trained to step %d", out, step)
+        _export(out, cfg, model, ema, step, dist)
+    else:
+        log.info("stopped at step %d of %d; continue with --resume", step, tc.steps)
+    return out
+
+
+@dataclasses.dataclass
+class _State:
+    """Everything a checkpoint restores besides the step and the RNG."""
+    model: torch.nn.Module
+    ema: torch.nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    task: Task
+
+
+def _build(task, tc, dist):
+    """The training state on this rank's device, and the module the steps run: the model in DDP when
+    distributed, compiled with train.compile."""
+    device = dist.device
     model = task.model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tc.ema_decay > 0 else None
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     if tc.compile:
         train_model = torch.compile(train_model)
     opt = make_optimizer(model, tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
-    start = 0
-    if resume:
-        state = ckpt.load(ckpt_path)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
-        _check_checkpoint_config(state, cfg, ckpt_path)
-        try:
-            model.load_state_dict(state["model"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            task.load_extra_state(state["extra"])
-            ckpt.set_rng_state(state["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            detail = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-            detail = detail[1] if len(detail) > 1 and detail[0].startswith("Error(s) in loading") else (detail or [repr(e)])[0]
-            raise ValueError(f"cannot resume {out}: {ckpt_path} does not fit the configured {cfg.stage} model "
-                             f"({detail[:200]})") from None
-        start = state["step"]
-        log.info("resumed %s at step %d", out, start)
+    return _State(model, ema, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc)), task), train_model
 
-    def save(step):
-        if dist.main:
-            ckpt.save(ckpt_path, {
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else {},
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "extra": task.extra_state(),
-                "rng": ckpt.rng_state(),
-                "config": to_yaml(cfg),
-            })
-        distributed.barrier()
 
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s stage: %.2fM parameters, %d steps, global batch %d on %d x %s", cfg.stage, n_params / 1e6, tc.steps,
-             tc.batch_size, dist.world, device)
-    batch_size = getattr(task, "batch_size", tc.batch_size)  # examples per step (I-WALT: frames)
+def _data(task, cfg, dist, start):
+    """This rank's batches from step `start` on: (the sampler, which also gives each batch's keys, the loader)."""
+    tc = cfg.train
+    batch_size = task.batch_size or tc.batch_size  # examples per step (I-WALT: frames)
     if tc.grad_accum < 1 or batch_size % (dist.world * tc.grad_accum):
         raise ValueError(f"train.batch_size {tc.batch_size} must be divisible by processes x train.grad_accum "
                          f"({dist.world} x {tc.grad_accum})")
     sampler = StepBatches(len(task.dataset), batch_size, tc.seed, start, dist.rank, dist.world)
-    keep = snapshot_steps(tc.keep_every, tc.steps) if ema is not None else set()
     loader = torch.utils.data.DataLoader(
-        task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=getattr(task, "collate", collate),
-        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
+        task.dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=task.collate,
+        pin_memory=dist.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0,
     )
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if dist.main and os.path.exists(metrics_path):
-        # Drop records of steps after the checkpoint (a crash between checkpoints): they are redone.
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-    metrics = open(metrics_path, "a") if dist.main else None
-    tb = None
-    if tc.tensorboard and dist.main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    return sampler, loader
 
-            tb = SummaryWriter(os.path.join(out, "tb"))
-        except ImportError:
-            log.warning("train.tensorboard is set but tensorboard is not installed; logging to metrics.jsonl only")
-    bar = tqdm(total=end - start, desc=cfg.stage, disable=not (dist.main and sys.stderr.isatty()), dynamic_ncols=True)
-    last_saved = start if resume else None
-    window_t, window_tokens = time.perf_counter(), 0
-    it = iter(loader)
-    step = start
-    stop_request = []
-    interrupted = None
-    previous_handlers = {}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_request.append(signum))
-        except ValueError:  # not the main thread: leave signals alone
-            break
+
+def _save(state, step, cfg, path, dist):
+    if dist.main:
+        ckpt.save(path, {
+            "step": step,
+            "model": state.model.state_dict(),
+            "ema": state.ema.state_dict() if state.ema is not None else {},
+            "optimizer": state.opt.state_dict(),
+            "scheduler": state.sched.state_dict(),
+            "extra": state.task.extra_state(),
+            "rng": ckpt.rng_state(),
+            "config": to_yaml(cfg),
+        })
+    distributed.barrier()
+
+
+def _resume(state, cfg, path):
+    """Load the checkpoint at `path` into `state` and return its step; a checkpoint of another run or
+    model is refused in one sentence."""
+    saved = ckpt.load(path)  # on CPU: RNG states must stay CPU tensors; load_state_dict moves the rest
+    _check_checkpoint_config(saved, cfg, path)
     try:
-        while step < end:
-            batch = next(it).to(device, non_blocking=True)
-            keys = sampler.keys(step)
-            torch.manual_seed(mix_seed(tc.seed, step, dist.rank))
-            opt.zero_grad(set_to_none=True)
-            # Gradient accumulation: equal micro-batches of this rank's share, gradients synced
-            # on the last; the same examples and draws as one big step, so only memory changes.
-            loss = 0.0
-            for i, (micro, micro_keys) in enumerate(zip(batch.chunk(tc.grad_accum), keys.chunk(tc.grad_accum))):
-                sync = not dist.enabled or i == tc.grad_accum - 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with autocast:
-                        micro_loss, logs = task.loss(train_model, micro, step, micro_keys)
-                    flag = torch.tensor([0.0 if torch.isfinite(micro_loss.detach()) else 1.0], device=device)
-                    if distributed.all_reduce_sum(flag).item() > 0:
-                        _stop(cfg.stage, "loss", micro_loss, step, ckpt_path, last_saved)
-                    (micro_loss / tc.grad_accum).backward()
-                loss = loss + micro_loss.detach() / tc.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
-                _stop(cfg.stage, "gradient norm", grad_norm, step, ckpt_path, last_saved)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))
-            logs.update(task.after_step(batch, step) or {})
-            step += 1
-            bar.update(1)
-            step_tokens = task.tokens(batch) * dist.world  # tokens (diffusion) or pixels (autoencoder)
-            window_tokens += step_tokens
-            if step in keep and dist.main:  # EMA snapshots for the training-budget sweep
-                os.makedirs(os.path.join(out, "snapshots"), exist_ok=True)
-                ckpt.export_safetensors(os.path.join(out, "snapshots", f"step-{step:06d}.safetensors"), ema,
-                                        {"config": to_yaml(cfg), "step": str(step)})
-            if step % tc.log_every == 0 or step == end:
-                mean_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / dist.world
-                dt = time.perf_counter() - window_t
-                rec = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_step": step_tokens, "tokens_per_s": window_tokens / dt, **{k: float(v) for k, v in logs.items()}}
-                window_t, window_tokens = time.perf_counter(), 0
-                if dist.main:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    if tb is not None:
-                        for k, v in rec.items():
-                            if k != "step":
-                                tb.add_scalar(k, v, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    log.info("step %d loss %.5f lr %.2e grad %.3f", step, mean_loss, rec["lr"], rec["grad_norm"])
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                task.sample(ema if ema is not None else model, step, out)
-            if step % tc.ckpt_every == 0 or step == end:
-                if step == tc.steps:
-                    task.finish(model, ema, step, out)
-                save(step)
-                last_saved = step
-            # A scheduler's SIGTERM/SIGUSR1 (preemption) on any rank: checkpoint this step and stop.
-            requested = torch.tensor([1.0 if stop_request else 0.0], device=device)
-            if step < end and distributed.all_reduce_sum(requested).item() > 0:
-                save(step)
-                last_saved = step
-                interrupted = stop_request[0] if stop_request else signal.SIGTERM  # another rank's signal
-                log.warning("stop requested by signal: checkpoint at step %d written; continue with --resume", step)
+        state.model.load_state_dict(saved["model"])
+        if state.ema is not None:
+            state.ema.load_state_dict(saved["ema"])
+        state.opt.load_state_dict(saved["optimizer"])
+        state.sched.load_state_dict(saved["scheduler"])
+        state.task.load_extra_state(saved["extra"])
+        ckpt.set_rng_state(saved["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        detail = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        detail = detail[1] if len(detail) > 1 and detail[0].startswith("Error(s) in loading") else (detail or [repr(e)])[0]
+        raise ValueError(f"cannot resume {cfg.out_dir}: {path} does not fit the configured {cfg.stage} model "
+                         f"({detail[:200]})") from None
+    log.info("resumed %s at step %d", cfg.out_dir, saved["step"])
+    return saved["step"]
+
+
+def _train_step(state, train_model, batch, keys, step, cfg, dist, stop):
+    """One optimizer step on this rank's share of the batch; returns (mean loss, gradient norm, logs).
+
+    Gradient accumulation runs equal micro-batches of the share and syncs gradients on the last:
+    the same examples and draws as one big step, so only memory changes.
+    """
+    tc, device = cfg.train, dist.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and tc.precision == "bf16")
+    torch.manual_seed(mix_seed(tc.seed, step, dist.rank))
+    state.opt.zero_grad(set_to_none=True)
+    loss = 0.0
+    for i, (micro, micro_keys) in enumerate(zip(batch.chunk(tc.grad_accum), keys.chunk(tc.grad_accum))):
+        sync = not dist.enabled or i == tc.grad_accum - 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast:
+                micro_loss, logs = state.task.loss(train_model, micro, step, micro_keys, raw=state.model)
+            flag = torch.tensor([0.0 if torch.isfinite(micro_loss.detach()) else 1.0], device=device)
+            if distributed.all_reduce_sum(flag).item() > 0:
+                stop("loss", micro_loss, step)
+            (micro_loss / tc.grad_accum).backward()
+        loss = loss + micro_loss.detach() / tc.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):  # gradients are all-reduced: every rank sees the same norm
+        stop("gradient norm", grad_norm, step)
+    state.opt.step()
+    state.sched.step()
+    if state.ema is not None:
+        ema_update(state.ema, state.model, min(tc.ema_decay, (1 + step) / (10 + step)))
+    logs.update(state.task.after_step(batch, step))
+    return loss, grad_norm, logs
+
+
+class _Metrics:
+    """metrics.jsonl and, with train.tensorboard, TensorBoard scalars, written by rank 0; every rank
+    counts tokens for the throughput of each logged window."""
+
+    def __init__(self, out, start, dist, tensorboard):
+        self.main, self.file, self.tb = dist.main, None, None
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+        if not self.main:
+            return
+        path = os.path.join(out, "metrics.jsonl")
+        if os.path.exists(path):
+            # Drop records of steps after the checkpoint (a crash between checkpoints): they are redone.
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out, "tb"))
+            except ImportError:
+                log.warning("train.tensorboard is set but tensorboard is not installed; logging to metrics.jsonl only")
+
+    def count(self, tokens):
+        self.window_tokens += tokens
+
+    def write(self, step, loss, lr, grad_norm, tokens_per_step, logs):
+        """One record, with the throughput since the last one."""
+        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_step": tokens_per_step,
+               "tokens_per_s": self.window_tokens / (time.perf_counter() - self.window_t),
+               **{k: float(v) for k, v in logs.items()}}
+        self.window_t, self.window_tokens = time.perf_counter(), 0
+        if not self.main:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+        log.info("step %d loss %.5f lr %.2e grad %.3f", step, loss, lr, grad_norm)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _StopSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption) are recorded instead of ending the process, so
+    the loop can checkpoint the step and stop; the previous handlers are put back on exit."""
+
+    def __enter__(self):
+        self.received, self.previous = [], {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+            except ValueError:  # not the main thread: leave signals alone
                 break
-    finally:
-        for sig, handler in previous_handlers.items():
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        if tb is not None:
-            tb.close()
-    if interrupted is not None:
-        raise Interrupted(out, step, tc.steps, interrupted)
-    if step == tc.steps:
-        if start == tc.steps:  # resumed a finished run: nothing to do but re-export
-            log.info("%s is already trained to step %d", out, step)
-        if dist.main:
-            meta = {"config": to_yaml(cfg), "step": str(step)}
-            ckpt.export_safetensors(os.path.join(out, "model.safetensors"), model, meta)
-            if ema is not None:
-                ckpt.export_safetensors(os.path.join(out, "ema.safetensors"), ema, meta)
-            log.info("exported weights to %s", out)
-        distributed.barrier()
-    else:
-        log.info("stopped at step %d of %d; continue with --resume", step, tc.steps)
-    return out
+
+    def received_on_any_rank(self, device):
+        """Whether a signal reached any rank (an all-reduce: every rank asks at the same step)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        return distributed.all_reduce_sum(flag).item() > 0
+
+    @property
+    def signum(self):
+        return self.received[0] if self.received else signal.SIGTERM  # another rank's signal
+
+
+def _export(out, cfg, model, ema, step, dist):
+    """The trained weights (and the EMA's) as safetensors, next to the checkpoint."""
+    if dist.main:
+        meta = {"config": to_yaml(cfg), "step": str(step)}
+        ckpt.export_safetensors(os.path.join(out, "model.safetensors"), model, meta)
+        if ema is not None:
+            ckpt.export_safetensors(os.path.join(out, "ema.safetensors"), ema, meta)
+        log.info("exported weights to %s", out)
+    distributed.barrier()
