@@ -1,5 +1,5 @@
 """Feature-dump throughput with writing on vs off, in the same process: what the HDF5 writer (a
-background thread, lzf, float16) costs a dump. Goal: with writing >= 90% of the clips/s without.
+process of its own, float16 features) costs a dump. Goal: with writing >= 90% of the clips/s without.
 
     python bench/dump.py                              # makes a tiny trained run and a world store
     python bench/dump.py --run runs/vwalt --data data/world --blocks 1,2,3 --t 0,200

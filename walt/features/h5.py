@@ -180,10 +180,10 @@ class FeatureWriter:
         self._closed = False
         self._conn, theirs = _CONTEXT.Pipe()
         if multiprocessing.current_process().daemon:
-            self._worker = threading.Thread(target=_serve, args=(self.path, theirs), name="walt-feature-writer",
+            self._worker = threading.Thread(target=_serve, args=(self.path, theirs), name=_WRITER,
                                             daemon=True)
         else:
-            self._worker = _CONTEXT.Process(target=_serve, args=(self.path, theirs), name="walt-feature-writer",
+            self._worker = _CONTEXT.Process(target=_serve, args=(self.path, theirs), name=_WRITER,
                                             daemon=True)
         self._worker.start()
         if isinstance(self._worker, multiprocessing.process.BaseProcess):
@@ -329,6 +329,7 @@ class FeatureWriter:
 
 # Fork where it exists: the writing process starts at once and inherits h5py already imported
 # (a spawned one would import walt and torch first, seconds per file).
+_WRITER = "walt-feature-writer"
 _CONTEXT = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
 
 
@@ -337,6 +338,8 @@ def _serve(path: str, conn):
     or ("error", exception) for each, and ("closed", error or None) last. It stops at None or when
     the dumping process is gone (after writing what it was sent)."""
     failed, sink = False, None
+    if multiprocessing.current_process().name == _WRITER:
+        os.nice(10)  # background work: the dump's compute threads come first, the writer takes idle time
     try:
         sink = FileSink(path)
         while True:
