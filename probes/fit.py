@@ -15,21 +15,17 @@ file can be streamed.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import math
-import platform
 import sys
-import threading
 
 import numpy as np
 import torch
 
 from probes.readouts import normalize_features
+from walt.heap import reused_heap
 from probes.tasks import Task, get_task
 
-__all__ = ["ArraySource", "as_source", "lr_factor", "GroupAdamW", "fit", "predict", "reused_heap"]
+__all__ = ["ArraySource", "as_source", "lr_factor", "GroupAdamW", "fit", "predict"]
 
 _META = ("frame_index", "label_names", "image_size")
 
@@ -163,53 +159,6 @@ def predict(task: Task, readout, source, spec, batch_size=64, progress=None):
 
 def _member(out, g):
     return tuple(o[g] for o in out) if isinstance(out, tuple) else out[g]
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_M_TRIM_THRESHOLD_DEFAULT, _M_MMAP_MAX_DEFAULT = 128 * 1024, 65536
-_heap_lock = threading.Lock()
-_heap_users = 0
-
-
-def _glibc():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def reused_heap():
-    """While fitting, keep freed memory in the heap for the next batch (glibc only).
-
-    A readout group's activations are tens of MiB each (a depth readout's (G, B, T, H, W)
-    output), above glibc's largest mmap threshold (32 MiB), so each one was mapped fresh from the
-    kernel and zeroed page by page at first touch, every step: grids of 4 depth readouts at
-    64 x 64 ran 1.7-2x slower than with the memory kept. torch has no caching allocator on the
-    CPU; this is what LD_PRELOADing jemalloc would do. The defaults are restored (and the heap
-    trimmed) when the last fit in the process ends."""
-    global _heap_users
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _heap_lock:
-        _heap_users += 1
-        if _heap_users == 1:
-            libc.mallopt(_M_MMAP_MAX, 0)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    try:
-        yield
-    finally:
-        with _heap_lock:
-            _heap_users -= 1
-            if _heap_users == 0:
-                libc.mallopt(_M_MMAP_MAX, _M_MMAP_MAX_DEFAULT)
-                libc.mallopt(_M_TRIM_THRESHOLD, _M_TRIM_THRESHOLD_DEFAULT)
-                libc.malloc_trim(0)
 
 
 def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epochs=10, batch_size=32,

@@ -97,7 +97,7 @@ if __name__ == "__main__":
 
 
 def run_with_file_size_limit(tmp_path, limit, cli, args):
-    """walt-`cli` ("data" or "train") with `args` in a child process that cannot write past `limit`
+    """walt-`cli` ("data", "train" or "probe") with `args` in a child process that cannot write past `limit`
     bytes per file: a full disk, simulated."""
     script = tmp_path / f"limited_{cli}.py"
     script.write_text(_WRITE_LIMITED.format(cli=cli))

@@ -2,6 +2,7 @@
 what 1 process writes, and the reader refuses incomplete, truncated and mismatched files."""
 import os
 import pickle
+import re
 import shutil
 
 import h5py
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import run_python, run_with_file_size_limit
 from walt.data.store import WorldStore
 from walt.features import (
     FeatureFile,
@@ -19,7 +20,7 @@ from walt.features import (
 )
 from walt.features.dump import PreparedClips, dump, load_backbone
 from walt.features.extract import Backbone
-from walt.features.h5 import FileSink, feature_chunks, shard_path
+from walt.features.h5 import feature_chunks, shard_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,25 +116,22 @@ def test_truncated_and_foreign_files_are_refused(tiny, tmp_path):
         FeatureFile(tmp_path / "missing.h5")
 
 
-def test_a_write_error_ends_in_one_sentence_naming_the_path(tiny, tmp_path, monkeypatch):
-    backbone, attrs, clips = setup_dump(tiny, blocks=(1,), t=(200,))
-    real, n = FileSink.write, []
-
-    def disk_full(self, *a):
-        n.append(1)
-        if len(n) == 2:
-            raise OSError(28, "No space left on device")
-        return real(self, *a)
-
-    monkeypatch.setattr(FileSink, "write", disk_full)  # inherited by the forked writing process
+def test_a_full_disk_ends_in_one_sentence_naming_the_path_and_the_dump_resumes(tiny, tmp_path):
+    args = ["dump", "--run", tiny["video"], "--data", tiny["world"], "--blocks", "1", "--t", "200", "--batch-size", "2",
+            "--device", "cpu", "--out"]
+    full = str(tmp_path / "full.h5")
+    assert run_with_file_size_limit(tmp_path, 1 << 40, "probe", args + [full]).returncode == 0
     out = str(tmp_path / "f.h5")
-    with pytest.raises(FeatureWriteError, match=rf"cannot write features to {out} \(.*No space left on device\)"):
-        dump(out, backbone, clips, attrs, batch_size=2)
-    monkeypatch.setattr(FileSink, "write", real)
-    with pytest.raises(FeatureFileError, match="2 of 6 clips done"):
-        FeatureFile(out)
-    dump(out, backbone, clips, attrs, batch_size=2)  # resumes once there is space again
-    assert FeatureFile(out).done.all()
+    res = run_with_file_size_limit(tmp_path, int(os.path.getsize(full) * 0.9), "probe", args + [out])
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"Error: cannot write features to {re.escape(out)} \(file write failed: File too large\); "
+                        r"free space or choose another --out, then rerun to resume\.", last), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr
+    done = FeatureFile(out, require_complete=False).done
+    assert 0 < done.sum() < len(done)  # what was flushed stays done
+    assert run_with_file_size_limit(tmp_path, 1 << 40, "probe", args + [out]).returncode == 0  # space again: resumes
+    assert_same_contents(full, out)
 
 
 def test_reader_reads_any_index_order_and_survives_pickling(tiny, tmp_path):
@@ -207,7 +205,7 @@ def test_a_writing_process_that_dies_ends_in_one_sentence_and_the_file_resumes(t
     w = write_two_batches(path, queue_size=1)
     w.put([2], {"t0000/b00": np.ones((1, 1, 1, 1, 4), np.float16)})  # waits for [0, 1] to be done
     w._worker.kill()
-    w._worker.join()
+    w._worker.wait()
     with pytest.raises(FeatureWriteError, match=r"the process writing .*w.h5 ended unexpectedly \(exit code -9\); rerun"):
         for _ in range(3):
             w.put([3], {"t0000/b00": np.ones((1, 1, 1, 1, 4), np.float16)})
@@ -220,27 +218,6 @@ def test_a_writing_process_that_dies_ends_in_one_sentence_and_the_file_resumes(t
     w.close()
     ff = FeatureFile(path)
     assert ff.features("t0000/b00")[:, 0, 0, 0, 0].tolist() == [2.0 if i in todo else 1.0 for i in range(4)]
-
-
-def test_in_a_daemonic_process_the_writer_is_a_thread(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    p = ctx.Process(target=_daemon_writes, args=(str(tmp_path / "d.h5"),), daemon=True)
-    p.start()
-    p.join(60)
-    assert p.exitcode == 0
-    ff = FeatureFile(tmp_path / "d.h5", require_complete=False)
-    assert ff.done.tolist() == [True, True, False, False]
-    assert ff.features("t0000/b00", [0, 1]).tolist() == np.ones((2, 1, 1, 1, 4)).tolist()
-
-
-def _daemon_writes(path):
-    import threading
-
-    w = write_two_batches(path)
-    assert isinstance(w._worker, threading.Thread)
-    w.close()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="no gloo")

@@ -1,6 +1,5 @@
 """Fitting readouts: planted signals are learned, the grid picks its lr on val, and a grid member
 trains exactly like the same readout trained alone."""
-import ctypes
 import zlib
 
 import numpy as np
@@ -190,29 +189,3 @@ def test_box_tracks_beat_the_first_box():
     got = r["test"]["mean"]["mean_iou"]
     assert got > base + 0.1, (got, base)
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
-
-
-def test_fitting_keeps_large_tensors_in_the_heap_and_restores_malloc_after():
-    from probes.fit import _glibc, reused_heap
-
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc >= 2.33 only (mallinfo2)")
-    libc.mallinfo2.restype = _MallInfo2
-
-    def mapped_while_held(nbytes=64 << 20):
-        x = torch.empty(nbytes // 4)
-        x.fill_(1.0)
-        mapped = libc.mallinfo2().hblkhd
-        del x
-        return mapped
-
-    base = libc.mallinfo2().hblkhd
-    assert mapped_while_held() >= base + (64 << 20)  # glibc maps a 64 MiB block of its own
-    with reused_heap(), reused_heap():  # nested fits share the setting
-        assert mapped_while_held() < base + (64 << 20)
-    assert mapped_while_held() >= base + (64 << 20)  # restored once the last one ends

@@ -316,16 +316,18 @@ def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, bat
             yield ids, torch.stack([s["video"] for s in samples])
 
     from walt.features.extract import extract
+    from walt.heap import reused_heap
 
     bar = tqdm(total=len(todo), unit="clip", desc=f"walt-probe dump {os.path.basename(out)}",
                disable=not progress or rank != 0)
     try:
-        for ids, feats in extract(backbone, batches()):
-            samples = pending.popleft()
-            feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
-            if writer is not None:
-                writer.put(ids.numpy() - lo, feats16, **_extras(samples, store_video))
-            bar.update(len(ids))
+        with reused_heap():
+            for ids, feats in extract(backbone, batches()):
+                samples = pending.popleft()
+                feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
+                if writer is not None:
+                    writer.put(ids.numpy() - lo, feats16, **_extras(samples, store_video))
+                bar.update(len(ids))
         if writer is not None:
             writer.close()
     except BaseException:

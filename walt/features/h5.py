@@ -34,11 +34,16 @@ maps them into one file through HDF5 virtual datasets.
 """
 from __future__ import annotations
 
+import builtins
 import json
-import multiprocessing
 import os
-import pickle
+import queue
+import re
+import subprocess
+import sys
+import tempfile
 import threading
+from multiprocessing.connection import Connection
 
 import h5py
 import numpy as np
@@ -157,10 +162,11 @@ class FeatureWriter:
     Why a process and not a thread: h5py runs much of each write as Python code holding the GIL,
     and a dump's main thread gives the GIL up and takes it back around every torch op, so a
     writing thread stalled it far beyond its own CPU time (a third of a small model's throughput
-    on 2 cores). The writing process gets the batches through a pipe and acknowledges each one
-    once it is on disk. It is forked where fork exists (Linux: it starts at once and runs only
-    h5py and numpy), spawned elsewhere; inside a daemonic process, which may not have children,
-    it is a thread. Errors raised there are re-raised here by the next put() or by close().
+    on 2 cores). The writing process is this file run as a script (`python h5.py --serve ...`:
+    h5py and numpy only, started in a fraction of a second, sharing no memory with the dump,
+    whose pages a forked child would turn copy-on-write), at a lower priority. It gets the batches
+    through a pipe and acknowledges each one once it is in the file; errors raised there are
+    re-raised here by the next put() or by close().
     """
 
     def __init__(self, path: str, attrs: dict, *, feature_shapes: dict, frame_index, label_names: dict | None = None,
@@ -178,16 +184,26 @@ class FeatureWriter:
         self._queue_size = max(1, int(queue_size))
         self._in_flight = 0
         self._closed = False
-        self._conn, theirs = _CONTEXT.Pipe()
-        if multiprocessing.current_process().daemon:
-            self._worker = threading.Thread(target=_serve, args=(self.path, theirs), name=_WRITER,
-                                            daemon=True)
-        else:
-            self._worker = _CONTEXT.Process(target=_serve, args=(self.path, theirs), name=_WRITER,
-                                            daemon=True)
-        self._worker.start()
-        if isinstance(self._worker, multiprocessing.process.BaseProcess):
-            theirs.close()  # the child holds the other end; its exit closes the pipe
+        # Two one-way pipes: batches to the writing process, acknowledgements back. Batches go
+        # out from a thread of ours, which waits in the kernel (without the GIL) while the pipe is full.
+        batches_in, batches_out = os.pipe()
+        acks_in, acks_out = os.pipe()
+        # Its stderr is kept aside: h5py prints a traceback for every handle it fails to close after
+        # a failed write, and the error reaches the caller as one sentence anyway.
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            self._worker = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--serve", self.path, str(batches_in), str(acks_out)],
+                pass_fds=(batches_in, acks_out), stdin=subprocess.DEVNULL, stderr=self._stderr)
+        finally:
+            os.close(batches_in)  # the child holds these ends: its exit closes the pipes
+            os.close(acks_out)
+        self._batches = Connection(batches_out, readable=False)
+        self._acks = Connection(acks_in, writable=False)
+        _widen(self._batches)
+        self._outbox = queue.Queue()
+        self._sender = threading.Thread(target=self._send_all, name="walt-feature-sender", daemon=True)
+        self._sender.start()
 
     # -- opening ---------------------------------------------------------------------------------
     def _check_resumable(self):
@@ -244,23 +260,36 @@ class FeatureWriter:
         self._in_flight += 1
 
     def _send(self, item):
-        try:
-            self._conn.send(item)
-        except OSError:
-            self._error = self._error or self._worker_gone()
-            self._raise()
+        self._outbox.put(item)
+
+    def _send_all(self):
+        """The sending thread: batches (then None) to the writing side, in order."""
+        while True:
+            item = self._outbox.get()
+            try:
+                self._batches.send(item)
+            except OSError:
+                pass  # the writing side is gone: reading its acknowledgements says so
+            if item is None:
+                return
 
     def _worker_gone(self) -> FeatureWriteError:
-        code = getattr(self._worker, "exitcode", None)
-        return FeatureWriteError(f"the process writing {self.path} ended unexpectedly (exit code {code}); "
-                                 "rerun the dump to resume it.")
+        try:
+            code = self._worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        self._stderr.seek(0)
+        lines = [x.strip() for x in self._stderr.read().decode(errors="replace").splitlines() if x.strip()]
+        said = next((x for x in lines if x.startswith("Fatal Python error")), lines[-1] if lines else "")
+        return FeatureWriteError(f"the process writing {self.path} ended unexpectedly (exit code {code}"
+                                 f"{': ' + said[:200] if said else ''}); rerun the dump to resume it.")
 
     def _collect(self, block: bool):
         """Take the writing side's acknowledgements: all that are ready (and wait for one if `block`)."""
-        while self._in_flight and (block or self._conn.poll()):
+        while self._in_flight and (block or self._acks.poll()):
             block = False
             try:
-                kind, value = self._conn.recv()
+                kind, value = self._acks.recv()
             except (EOFError, OSError):
                 self._in_flight = 0
                 self._error = self._error or self._worker_gone()
@@ -269,7 +298,7 @@ class FeatureWriter:
             if kind == "done":
                 self._done[value] = True
             elif kind == "error" and self._error is None:
-                self._error = value
+                self._error = _as_exception(value)
 
     def _raise(self):
         if self._error is not None:
@@ -283,26 +312,27 @@ class FeatureWriter:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._conn.send(None)
-        except OSError:
-            pass
+        self._send(None)
+        self._sender.join()
         while True:
             try:
-                kind, value = self._conn.recv()
+                kind, value = self._acks.recv()
             except (EOFError, OSError):
+                self._error = self._error or self._worker_gone()  # it ended without saying it closed
                 break
             if kind == "closed":
                 if value is not None and self._error is None:
-                    self._error = value
+                    self._error = _as_exception(value)
                 break
             if kind == "done":
                 self._done[value] = True
             elif kind == "error" and self._error is None:
-                self._error = value
+                self._error = _as_exception(value)
         self._in_flight = 0
-        self._worker.join()
-        self._conn.close()
+        self._worker.wait()
+        self._batches.close()
+        self._acks.close()
+        self._stderr.close()
 
     def close(self):
         """Wait for every queued batch, close the file, re-raise a writing error."""
@@ -327,48 +357,61 @@ class FeatureWriter:
         return False
 
 
-# Fork where it exists: the writing process starts at once and inherits h5py already imported
-# (a spawned one would import walt and torch first, seconds per file).
-_WRITER = "walt-feature-writer"
-_CONTEXT = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-
-
-def _serve(path: str, conn):
-    """The writing side of a FeatureWriter: writes each batch it receives, answers ("done", index)
-    or ("error", exception) for each, and ("closed", error or None) last. It stops at None or when
-    the dumping process is gone (after writing what it was sent)."""
+def _serve(path: str, batches, acks):
+    """The writing process of a FeatureWriter: writes each batch it receives, answers ("done",
+    index) or ("error", (type name, message)) for each, and ("closed", error or None) last. It stops
+    at None or when the dumping process is gone (after writing what it was sent)."""
     failed, sink = False, None
-    if multiprocessing.current_process().name == _WRITER:
-        os.nice(10)  # background work: the dump's compute threads come first, the writer takes idle time
     try:
         sink = FileSink(path)
+        sys.unraisablehook = sink.note_unraisable
         while True:
             try:
-                item = conn.recv()
+                item = batches.recv()
             except (EOFError, OSError):
                 break
             if item is None:
                 break
             if failed:
-                conn.send(("skipped", None))  # drain: the caller has the error already
+                acks.send(("skipped", None))  # drain: the caller has the error already
                 continue
             try:
                 sink.write(*item)
-                conn.send(("done", item[0]))
-            except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+                acks.send(("done", item[0]))
+            except Exception as e:  # noqa: BLE001  (re-raised in the caller)
                 failed = True
-                conn.send(("error", _writing_error(path, e)))
-    except BaseException as e:  # noqa: BLE001
+                acks.send(("error", _describe(path, e)))
+    except Exception as e:  # noqa: BLE001
         failed = True
-        _send_quietly(conn, ("error", _writing_error(path, e)))
+        _send_quietly(acks, ("error", _describe(path, e)))
     closing = None
-    if sink is not None:
+    # After a failed write HDF5's state is not to be trusted, so the file is left as its last flush
+    # wrote it (its done mask says which clips that holds) instead of being closed.
+    if sink is not None and not failed:
         try:
             sink.close()
         except OSError as e:
-            closing = None if failed else FeatureWriteError(f"cannot write features to {path} ({_first_line(e)}).")
-    _send_quietly(conn, ("closed", closing))
-    conn.close()
+            closing = ("FeatureWriteError", f"cannot write features to {path} ({_first_line(e)}).")
+    _send_quietly(acks, ("closed", closing))
+    acks.close()
+    return not failed and closing is None
+
+
+def _lower_priority():
+    """Writing is background work: the dump's compute threads come first (nice 10, not SCHED_IDLE,
+    which on a machine busy with other jobs could starve the writer and so the dump)."""
+    if hasattr(os, "nice"):
+        os.nice(10)
+
+
+def _widen(conn, size: int = 1 << 20):
+    """Let a pipe hold 1 MiB (Linux; 64 KiB by default) so a batch crosses in fewer handovers."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (OSError, ValueError, ImportError):
+        pass
 
 
 def _send_quietly(conn, message):
@@ -378,17 +421,23 @@ def _send_quietly(conn, message):
         pass  # the dumping process is gone
 
 
-def _writing_error(path: str, e: BaseException) -> BaseException:
-    """What the caller re-raises: one sentence for an I/O error, else the exception itself (or, if
-    it cannot cross the pipe, a RuntimeError naming it)."""
-    if isinstance(e, OSError):
-        return FeatureWriteError(f"cannot write features to {path} ({_first_line(e)}); free space or choose "
-                                 "another --out, then rerun to resume.")
-    try:
-        pickle.dumps(e)
-        return e
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"writing {path} failed: {type(e).__name__}: {_first_line(e)}")
+def _describe(path: str, e: Exception) -> tuple[str, str]:
+    """(type name, message) of an error in the writing process: one sentence for an I/O error."""
+    if isinstance(e, OSError) or "errno = " in str(e):  # h5py raises RuntimeError for some failed writes
+        return "FeatureWriteError", (f"cannot write features to {path} ({_first_line(e)}); free space or choose "
+                                     "another --out, then rerun to resume.")
+    return type(e).__name__, str(e)
+
+
+def _as_exception(described: tuple[str, str]) -> Exception:
+    """The exception the caller raises for _describe's (type name, message)."""
+    name, message = described
+    if name == "FeatureWriteError":
+        return FeatureWriteError(message)
+    kind = getattr(builtins, name, None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        return kind(message)
+    return RuntimeError(f"writing features failed: {name}: {message}")
 
 
 class FileSink:
@@ -402,21 +451,43 @@ class FileSink:
         self.path = path
         self.f = h5py.File(path, "r+")
         self.n = len(self.f["done"])
+        self.failures = []
+
+    def note_unraisable(self, unraisable):
+        """sys.unraisablehook of the writing process: h5py reports a failed write (a full disk) only
+        when it closes a dataset handle, as an exception nothing can catch; noted here, it stops
+        the batch before the flush (which HDF5 does not survive after such a failure)."""
+        self.failures.append(unraisable.exc_value)
 
     def write(self, index, features, video, labels, targets):
-        f = self.f
+        self.failures.clear()
+        self._write(index, features, video, labels, targets)
+        self._check()
+        self.f.flush()  # the clips' data is in the file before they are marked done
+        self._check()
+        self._dataset("done")[index] = True
+
+    def _check(self):
+        if self.failures:
+            raise OSError(_first_line(self.failures[0]))
+
+    def _dataset(self, name):
+        """Dataset `name` (or None), opened for one write and closed after it: closing writes its
+        chunks, so a full disk shows (as an unraisable error, noted above) before the file's
+        flush, which would leave the metadata half written; kept open, it showed only there."""
+        return self.f.get(name)
+
+    def _write(self, index, features, video, labels, targets):
         for lo, hi, off in _runs(index):
             sl = np.s_[off:off + hi - lo]
             for key, arr in features.items():
-                f[f"features/{key}"][lo:hi] = arr[sl]
-            if video is not None and "video" in f:
-                f["video"][lo:hi] = video[sl]
-            for task, values in labels.items():
-                if f"labels/{task}" in f:
-                    f[f"labels/{task}"][lo:hi] = np.asarray(values, np.int64)[sl]
+                self._dataset(f"features/{key}")[lo:hi] = arr[sl]
+            for name, values in [("video", video)] + [(f"labels/{t}", np.asarray(v, np.int64)) for t, v in labels.items()]:
+                ds = self._dataset(name) if values is not None else None
+                if ds is not None:
+                    ds[lo:hi] = values[sl]
+                del ds  # closed: its chunks are written now
         self._write_targets(index, targets)
-        f.flush()  # the clips' data is in the file before they are marked done
-        f["done"][index] = True
 
     def _write_targets(self, index, targets):
         """Annotations of clips `index`: one write per run of clips where every clip's array has the
@@ -424,12 +495,12 @@ class FileSink:
         names = {name for clip in targets for name in clip}
         for name in sorted(names):
             values = [np.asarray(clip[name]) if name in clip else None for clip in targets]
-            ds = self.f.get(f"targets/{name}")
+            ds = self._dataset(f"targets/{name}")
             if ds is None and all(v is not None for v in values):
                 self._write_target(name, int(index[0]), values[0])  # creates it
-                ds = self.f.get(f"targets/{name}")
-            if ds is not None and all(v is not None and v.shape == ds.shape[1:] and v.dtype.kind in "biuf"
-                                      for v in values):
+                ds = self._dataset(f"targets/{name}")
+            shape = ds.shape[1:] if ds is not None else None
+            if ds is not None and all(v is not None and v.shape == shape and v.dtype.kind in "biuf" for v in values):
                 stacked = np.stack(values).astype(ds.dtype, copy=False)
                 for lo, hi, off in _runs(index):
                     ds[lo:hi] = stacked[off:off + hi - lo]
@@ -443,10 +514,11 @@ class FileSink:
         key = f"targets/{name}"
         if value.dtype.kind not in "biuf":
             return  # strings and objects are not annotations a probe reads
-        if key not in f:
-            f.create_dataset(key, shape=(self.n, *value.shape), dtype=value.dtype, fillvalue=_fill(value.dtype),
-                             maxshape=(self.n,) + (None,) * value.ndim, chunks=(1, *(max(1, s) for s in value.shape)),
-                             compression="lzf" if value.nbytes >= 4096 else None)
+        if self._dataset(key) is None:
+            f.create_dataset(
+                key, shape=(self.n, *value.shape), dtype=value.dtype, fillvalue=_fill(value.dtype),
+                maxshape=(self.n,) + (None,) * value.ndim, chunks=(1, *(max(1, s) for s in value.shape)),
+                compression="lzf" if value.nbytes >= 4096 else None)
         ds = f[key]
         if value.ndim != ds.ndim - 1:
             raise ValueError(f"annotation {name!r} of clip {i} has {value.ndim} axes; earlier clips had {ds.ndim - 1}.")
@@ -460,7 +532,12 @@ class FileSink:
 
 
 def _first_line(e) -> str:
-    s = str(e).strip().splitlines()
+    """The gist of an error: its first line, or HDF5's system error where it names one."""
+    text = str(e)
+    system = re.search(r"error message = '([^']+)'", text)
+    if system:
+        return f"file write failed: {system.group(1)}"
+    s = text.strip().splitlines()
     return (s[0] if s else type(e).__name__)[:200]
 
 
@@ -700,3 +777,19 @@ __all__ = [
     "rank_slice",
     "shard_path",
 ]
+
+
+def _main(argv):
+    """`python h5.py --serve PATH BATCHES_FD ACKS_FD`: the writing process of a FeatureWriter."""
+    if len(argv) != 4 or argv[0] != "--serve":
+        raise SystemExit("usage: python h5.py --serve PATH BATCHES_FD ACKS_FD (started by FeatureWriter)")
+    import faulthandler
+
+    faulthandler.enable()  # a crash inside HDF5 leaves a traceback on stderr
+    _lower_priority()
+    ok = _serve(argv[1], Connection(int(argv[2]), writable=False), Connection(int(argv[3]), readable=False))
+    os._exit(0 if ok else 1)  # without tearing down h5py's handles to a file that failed
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
