@@ -6,7 +6,7 @@
 #include <string>
 
 #include "walt/cpu_features.h"
-#include "window_attention/rows.h"
+#include "window_attention/isa.h"
 
 namespace {
 

@@ -13,7 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "noise.h"
+#include "cpu.h"
 #include "walt/cpu_features.h"
 
 // No FMA contraction in this file's kernels: x_t = a*x0 + s*eps must round both products like

@@ -1,5 +1,6 @@
-// Argument checks of the window-attention ops, shared by every device's registration: each user
-// mistake ends in one sentence naming the argument and what was expected.
+// Argument checks of the window-attention ops (checks.cpp), shared by every device's registration
+// (op.cpp, op_cuda.cpp, composite.cpp): each user mistake ends in one sentence naming the argument
+// and what was expected.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +17,10 @@ void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window, double scale,
                          const std::optional<at::Tensor>& rel_pos_bias);
+
+// The probabilities handed back to window_attention_backward_kept_probs must be the ones
+// window_attention_keep_probs returned for q, lse and window (checked after check_backward_args).
+void check_kept_probs(const at::Tensor& probs, const at::Tensor& q, const at::Tensor& lse, at::IntArrayRef window);
 
 // Shape of the probabilities window_attention_keep_probs keeps: (B, windows, heads, n*n); windows
 // and n are 0 when T, H or W is 0.

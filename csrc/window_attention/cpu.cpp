@@ -21,7 +21,7 @@
 // Every product is written as row-major C = op(A) B. On AVX-512 and AVX2 CPUs float32 products
 // run on the kernel's own GEMM (gemm_avx512.cpp, gemm_avx2.cpp); otherwise, and for float64, they
 // go to the BLAS PyTorch links (MKL here) through its Fortran interface.
-#include "kernel.h"
+#include "cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,7 +36,7 @@
 #include <memory>
 #include <vector>
 
-#include "rows.h"
+#include "isa.h"
 #include "walt/window_geometry.h"
 
 extern "C" {
@@ -197,7 +197,7 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
   });
 }
 
-// The bias runs of a window's rows (rows.h) and where row i's first run starts in a head's
+// The bias runs of a window's rows (isa.h) and where row i's first run starts in a head's
 // reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w.
 inline BiasRuns bias_runs(const WindowGeometry& g, const WindowExtent& e) {
   return BiasRuns{e.et, e.eh, e.ew, (2 * g.rh - 1) * (2 * g.rw - 1), 2 * g.rw - 1};
@@ -508,7 +508,7 @@ WindowGeometry geometry(const at::Tensor& q, at::IntArrayRef window) {
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The bias table in the accumulation type, each head's entries in reverse flat order (a few KiB;
-// not a partitioned copy): then a row's bias runs are contiguous ascending slices (rows.h).
+// not a partitioned copy): then a row's bias runs are contiguous ascending slices (isa.h).
 at::Tensor reversed_bias_table(const std::optional<at::Tensor>& bias, at::ScalarType acc) {
   return bias.has_value() ? bias->to(acc).flip({1, 2, 3}).contiguous() : at::Tensor();
 }

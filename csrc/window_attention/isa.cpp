@@ -1,4 +1,4 @@
-// See rows.h. The exp, on both ISAs: n = round(x log2 e); f = x log2 e - n in [-1/2, 1/2],
+// See isa.h. The exp, on both ISAs: n = round(x log2 e); f = x log2 e - n in [-1/2, 1/2],
 // computed with log2 e split in two floats and fused multiply-adds, so f is exact to a rounding;
 // 2^f by a degree-5 polynomial fitted for relative error (7.5e-8 on the interval); times 2^n
 // (scalef on AVX-512, exponent bits on AVX2). Within 1.9 ulp of exp over [-87.3, 0] (checked
@@ -6,7 +6,7 @@
 // scheme takes 11, and after the GEMMs the exp is the largest cost of a forward. Inputs are
 // logits minus their row max or logsumexp (<= 0 up to a rounding); below -87.3 the true value is
 // subnormal and we return 0, which also maps -inf (masked logits) to exactly 0. NaN stays NaN.
-#include "rows.h"
+#include "isa.h"
 
 #include <cmath>
 #include <cstdint>

@@ -1,5 +1,5 @@
-// The noise op's device-independent argument checks and its per-device kernels (op.cpp registers
-// them). Only this folder includes it.
+// Argument checks of walt::add_noise (checks.cpp), shared by every device's registration (op.cpp,
+// op_cuda.cpp): each user mistake ends in one sentence naming the argument and what was expected.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,8 +28,5 @@ struct AddNoiseArgs {
 AddNoiseArgs check_args(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, int64_t seed,
                         const std::optional<at::Tensor>& keys, const std::optional<at::Tensor>& noise,
                         c10::string_view target);
-
-// x_t and the target into the preallocated contiguous outputs.
-void add_noise_cpu_kernel(const AddNoiseArgs& args, at::Tensor& x_t, at::Tensor& target);
 
 }  // namespace walt::noise
