@@ -49,10 +49,6 @@ struct Slots {
   at::Tensor rel;      // (n * n) int64: (query slot, key slot) -> flat bias table entry; undefined without bias
 };
 
-Coord3 slot_coords(const WindowGeometry& g, int64_t slot) {
-  return Coord3{slot / (g.wh * g.ww), (slot / g.ww) % g.wh, slot % g.ww};
-}
-
 Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
   Slots s;
   s.g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
@@ -71,16 +67,15 @@ Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
   int64_t* ip = inverse.mutable_data_ptr<int64_t>();
   bool* pp = padding.mutable_data_ptr<bool>();
   bool any_padding = false;
+  const WindowExtent full = window_extent(g, 0);  // the first window is always full: its slots are every window's
   for (int64_t win = 0; win < s.windows; ++win) {
     const WindowExtent e = window_extent(g, win);
-    const Coord3 first = global_coords(e, Coord3{0, 0, 0});
-    const int64_t first_token = (first.t * g.H + first.h) * g.W + first.w;
+    const int64_t first_token = token_index(g, e, Coord3{0, 0, 0}, 0);
     for (int64_t slot = 0; slot < s.n; ++slot) {
-      const Coord3 local = slot_coords(g, slot);
+      const Coord3 local = local_coords(full, slot);
       const int64_t i = win * s.n + slot;
       if (local.t < e.et && local.h < e.eh && local.w < e.ew) {
-        const Coord3 c = global_coords(e, local);
-        const int64_t token = (c.t * g.H + c.h) * g.W + c.w;
+        const int64_t token = token_index(g, e, local, 0);
         gp[i] = token;
         ip[token] = i;
       } else {
@@ -98,7 +93,7 @@ Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
     at::Tensor rel = at::empty({s.n * s.n}, host);
     int64_t* rp = rel.mutable_data_ptr<int64_t>();
     for (int64_t a = 0; a < s.n; ++a) {
-      for (int64_t b = 0; b < s.n; ++b) rp[a * s.n + b] = bias_index(g, slot_coords(g, a), slot_coords(g, b));
+      for (int64_t b = 0; b < s.n; ++b) rp[a * s.n + b] = bias_index(g, local_coords(full, a), local_coords(full, b));
     }
     s.rel = rel.to(dev);
   }

@@ -93,19 +93,18 @@ struct Scratch {
 };
 
 // Strides (in elements) of a (B, T, H, W, heads, d) tensor.
-struct Strides {
-  int64_t b, t, h, w, head;
-  explicit Strides(const at::Tensor& x) : b(x.stride(0)), t(x.stride(1)), h(x.stride(2)), w(x.stride(3)), head(x.stride(4)) {}
-};
+inline TokenStrides strides(const at::Tensor& x) {
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+}
 
 // Calls f(i, offset) for the window's tokens in local order; offset is the token's element
 // offset for batch b and head `head` in a tensor with strides s.
 template <typename F>
-inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64_t head, F&& f) {
+inline void for_tokens(const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head, F&& f) {
   int64_t i = 0;
   for (int64_t t = 0; t < e.et; ++t)
     for (int64_t h = 0; h < e.eh; ++h) {
-      const int64_t base = b * s.b + (e.start.t + t) * s.t + (e.start.h + h) * s.h + e.start.w * s.w + head * s.head;
+      const int64_t base = token_offset(e, Coord3{t, h, 0}, s, b) + head * s.head;
       for (int64_t w = 0; w < e.ew; ++w) f(i++, base + w * s.w);
     }
 }
@@ -113,7 +112,7 @@ inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64
 // dst row i = src row i * mul, converted to acc_t (n x d, row-major). Multiplying by the softmax
 // scale here keeps it out of the products.
 template <typename scalar_t, typename acc_t>
-inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
+inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head,
                    int64_t d, acc_t mul = acc_t(1)) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     const scalar_t* x = src + off;
@@ -183,7 +182,7 @@ inline void transpose(acc_t* dst, const acc_t* src, int64_t rows, int64_t cols) 
 
 // dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
 template <typename scalar_t, typename acc_t>
-inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
+inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head,
                     int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     scalar_t* y = dst + off;
@@ -198,9 +197,10 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
 }
 
 // The bias runs of a window's rows (isa.h) and where row i's first run starts in a head's
-// reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w.
+// reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w,
+// step_t and step_h being the table's strides of t and h.
 inline BiasRuns bias_runs(const WindowGeometry& g, const WindowExtent& e) {
-  return BiasRuns{e.et, e.eh, e.ew, (2 * g.rh - 1) * (2 * g.rw - 1), 2 * g.rw - 1};
+  return BiasRuns{e.et, e.eh, e.ew, bias_pos(g, Coord3{1, 0, 0}), bias_pos(g, Coord3{0, 1, 0})};
 }
 inline int64_t reversed_bias_start(const WindowGeometry& g, const WindowExtent& e, int64_t i) {
   return bias_table_size(g) - 1 - bias_index(g, local_coords(e, i), Coord3{0, 0, 0});
@@ -270,16 +270,6 @@ void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& 
   });
 }
 
-// One (batch, head, window) task. Tasks run head-fastest, so consecutive tasks read
-// neighbouring bytes of the same tokens.
-struct Task {
-  int64_t b, head;
-  WindowExtent e;
-};
-inline Task decode_task(const WindowGeometry& g, int64_t heads, int64_t nwin, int64_t task) {
-  return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
-}
-
 // With `probs` defined, each task's probabilities are also written there (normalised, n x n at
 // the start of the task's n_max^2 slice) for the backward; out and lse are the same either way.
 template <typename scalar_t, typename acc_t>
@@ -289,7 +279,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g);
   const acc_t scale = static_cast<acc_t>(scale_);
-  const Strides sq(q), sk(k), sv(v), so(out), sl(lse.unsqueeze(-1));
+  const TokenStrides sq = strides(q), sk = strides(k), sv = strides(v), so = strides(out);
+  const TokenStrides sl = strides(lse.unsqueeze(-1));
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
@@ -304,9 +295,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, transposed_ld(nmax) * d), nmax); },
       [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode_task(g, heads, nwin, task);
-        const int64_t b = t.b, head = t.head, n = t.e.n;
-        const WindowExtent& e = t.e;
+        const WindowTask t = decode_task(task, heads, nwin);
+        const WindowExtent e = window_extent(g, t.win);
+        const int64_t b = t.b, head = t.head, n = e.n;
         acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
         acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
         if (kept) std::fill(P_kept + n * n, P_kept + nmax * nmax, acc_t(0));  // a partial window's unused tail
@@ -377,7 +368,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
   const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
   const acc_t scale = static_cast<acc_t>(scale_);
-  const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv), sl(lse.unsqueeze(-1));
+  const TokenStrides sq = strides(q), sk = strides(k), sv = strides(v), so = strides(out), sdo = strides(dout);
+  const TokenStrides sdq = strides(dq), sdk = strides(dk), sdv = strides(dv), sl = strides(lse.unsqueeze(-1));
   const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
   const scalar_t *op = out.const_data_ptr<scalar_t>(), *dop = dout.const_data_ptr<scalar_t>();
   scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(), *dvp = dv.mutable_data_ptr<scalar_t>();
@@ -394,9 +386,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
       [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, transposed_ld(nmax) * d), nmax); },
       [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode_task(g, heads, nwin, task);
-        const int64_t b = t.b, head = t.head, n = t.e.n;
-        const WindowExtent& e = t.e;
+        const WindowTask t = decode_task(task, heads, nwin);
+        const WindowExtent e = window_extent(g, t.win);
+        const int64_t b = t.b, head = t.head, n = e.n;
         acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
         acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
         acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)

@@ -14,14 +14,15 @@
 #include <cstring>
 
 #include "simd.h"
+#include "walt/constants.h"
 #include "walt/cpu_features.h"
 
 namespace walt::attn {
 namespace {
 
 constexpr float kExpLo = -87.33654f;
-constexpr float kLog2eHi = 1.44269502162933349609375f;  // float(log2 e)
-constexpr float kLog2eLo = 1.925963033500011e-08f;      // log2 e - kLog2eHi
+constexpr float kLog2eHi = kLog2e;                  // float(log2 e) = 1.44269502162933349609375
+constexpr float kLog2eLo = 1.925963033500011e-08f;  // log2 e - kLog2eHi
 constexpr float kE0 = 1.0000000716545798f, kE1 = 0.6931469670614677f, kE2 = 0.2402211972418474f;
 constexpr float kE3 = 0.05550713278876275f, kE4 = 0.009675541320609927f, kE5 = 0.001327647025394137f;
 
@@ -59,7 +60,8 @@ WALT_AVX512 inline __m512 log16(__m512 x) {
   p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f / 3));
   p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f));
   const __m512 log_m = _mm512_mul_ps(_mm512_add_ps(t, t), p);
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147182f), _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654299e-9f), log_m));
+  // e ln 2 with ln 2 split in two floats: kLn2 + (ln 2 - kLn2)
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2), _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654299e-9f), log_m));
 }
 WALT_AVX512 void log_add_avx512(float* lse, const float* m, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
