@@ -172,9 +172,6 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& q, const 
                                                      at::IntArrayRef window, double scale,
                                                      const std::optional<at::Tensor>& rel_pos_bias) {
   const at::ScalarType compute = compute_type(q);
-  if (q.numel() == 0) {
-    return {at::empty(q.sizes(), q.options()), at::empty(q.sizes().slice(0, 5), q.options().dtype(compute))};
-  }
   const Slots s = make_slots(q, window, rel_pos_bias.has_value());
   at::Tensor S = logits(to_windows(q, s, compute), to_windows(k, s, compute), s, scale, rel_pos_bias);
   at::Tensor lse = at::logsumexp(S, -1);
@@ -189,11 +186,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_composite(
     bool bias_requires_grad) {
   const at::ScalarType compute = compute_type(q);
   const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
-  if (q.numel() == 0) {
-    const auto like_q = q.options();
-    return {at::empty(q.sizes(), like_q), at::empty(q.sizes(), like_q), at::empty(q.sizes(), like_q),
-            want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, like_q)};
-  }
   const Slots s = make_slots(q, window, rel_pos_bias.has_value());
   const at::Tensor Q = to_windows(q, s, compute), K = to_windows(k, s, compute), V = to_windows(v, s, compute);
   const at::Tensor dO = to_windows(grad_out, s, compute);
@@ -222,6 +214,10 @@ std::tuple<at::Tensor, at::Tensor> composite_op(const at::Tensor& q, const at::T
                                                 at::IntArrayRef window, double scale,
                                                 const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  if (q.numel() == 0) {
+    auto [out, lse, probs] = empty_forward(q, window, /*keep_probs=*/false);
+    return {out, lse};
+  }
   return forward_composite(q, k, v, window, scale, rel_pos_bias);
 }
 
@@ -230,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward_op
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
   check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
   return backward_composite(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad);
 }
 

@@ -37,6 +37,7 @@
 #include <memory>
 #include <vector>
 
+#include "checks.h"
 #include "isa.h"
 #include "walt/window_geometry.h"
 
@@ -675,11 +676,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, 
   const at::ScalarType acc = acc_type(q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
+  at::Tensor probs = at::empty(keep_probs ? probs_shape(q, window) : std::vector<int64_t>{0}, q.options().dtype(acc));
   const WindowGeometry g = geometry(q, window);
-  const int64_t nmax = max_window_tokens(g);
-  at::Tensor probs = keep_probs ? at::empty({q.size(0), num_windows(g), q.size(4), nmax * nmax}, q.options().dtype(acc))
-                                : at::empty({0}, q.options().dtype(acc));
-  if (q.numel() == 0) return {out, lse, probs};
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const at::Tensor dense = dense_bias(bias, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
@@ -701,9 +699,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
-  if (q.numel() == 0) {
-    return {dq, dk, dv, want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
-  }
   const WindowGeometry g = geometry(q, window);
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const at::Tensor dense = probs.defined() ? at::Tensor() : dense_bias(bias, g);  // only to recompute P

@@ -9,15 +9,21 @@
 namespace walt::attn {
 namespace {
 
+// Both forwards: the shared checks, the empty answer to inputs without elements, then the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_forward(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, at::IntArrayRef window,
+                                                               double scale,
+                                                               const std::optional<at::Tensor>& rel_pos_bias,
+                                                               bool keep_probs) {
+  check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  if (q.numel() == 0) return empty_forward(q, window, keep_probs);
+  return forward_cpu(q, k, v, window, scale, rel_pos_bias, keep_probs);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            at::IntArrayRef window, double scale,
                                            const std::optional<at::Tensor>& rel_pos_bias) {
-  check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  if (q.numel() == 0) {
-    auto [out, lse, probs] = empty_forward(q, window, /*keep_probs=*/false);
-    return {out, lse};
-  }
-  auto [out, lse, probs] = forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
+  auto [out, lse, probs] = checked_forward(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
   return {out, lse};
 }
 
@@ -25,28 +31,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_keep_probs(const at::Tens
                                                                   const at::Tensor& v, at::IntArrayRef window,
                                                                   double scale,
                                                                   const std::optional<at::Tensor>& rel_pos_bias) {
-  check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  if (q.numel() == 0) return empty_forward(q, window, /*keep_probs=*/true);
-  return forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
+  return checked_forward(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
+}
+
+// Both backwards, likewise; `probs` is undefined when the backward recomputes them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> checked_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
+    const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
+  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  if (probs.defined()) check_kept_probs(probs, q, lse, window);
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
+  return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
-  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
-  return backward_cpu(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
+  return checked_backward(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kept_probs(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
     const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
-  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  check_kept_probs(probs, q, lse, window);
-  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
-  return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
+  return checked_backward(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 }  // namespace
