@@ -114,8 +114,8 @@ inline void for_tokens(const WindowExtent& e, const TokenStrides& s, int64_t b, 
 // dst row i = src row i * mul, converted to acc_t (n x d, row-major). Multiplying by the softmax
 // scale here keeps it out of the products.
 template <typename scalar_t, typename acc_t>
-inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head,
-                   int64_t d, acc_t mul = acc_t(1)) {
+inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b,
+                   int64_t head, int64_t d, acc_t mul = acc_t(1)) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     const scalar_t* x = src + off;
     acc_t* y = dst + i * d;
@@ -184,8 +184,8 @@ inline void transpose(acc_t* dst, const acc_t* src, int64_t rows, int64_t cols) 
 
 // dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
 template <typename scalar_t, typename acc_t>
-inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head,
-                    int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
+inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b,
+                    int64_t head, int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     scalar_t* y = dst + off;
     const acc_t* x = src + i * d;
@@ -616,8 +616,8 @@ void backward_gathered(const BackwardCall<scalar_t, acc_t>& c, Scratch<acc_t>& b
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& probs, const WindowGeometry& g,
-                   double scale, const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias_partial) {
+                   double scale, const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& dbias_partial) {
   const acc_t* kept = probs.defined() ? probs.const_data_ptr<acc_t>() : nullptr;
   const BackwardCall<scalar_t, acc_t> c{{make_call<scalar_t, acc_t>(q, k, v, out, lse, g, scale, bias, dense_bias)},
                                         strides(dout),

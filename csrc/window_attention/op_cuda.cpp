@@ -35,9 +35,7 @@ at::Tensor rows_16b_aligned(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-TokenStrides strides(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
-}
+TokenStrides strides(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)}; }
 
 // float16/bfloat16 take the tensor-core kernels; float32/float64 the composite (see the top).
 bool on_tensor_cores(const at::Tensor& q) {

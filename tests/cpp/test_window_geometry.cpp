@@ -41,7 +41,8 @@ static void check_grid(int64_t T, int64_t H, int64_t W, int64_t rt, int64_t rh, 
       WALT_CHECK(l32.t == l.t && l32.h == l.h && l32.w == l.w);
       const walt::TokenStrides s{1000003, 7919, 613, 37, 5};
       const int64_t offset = 3 * s.b + p.t * s.t + p.h * s.h + p.w * s.w;
-      WALT_CHECK(walt::token_offset(e, l, s, 3) == offset && walt::token_offset(e, static_cast<int>(i), s, 3) == offset);
+      WALT_CHECK(walt::token_offset(e, l, s, 3) == offset &&
+                 walt::token_offset(e, static_cast<int>(i), s, 3) == offset);
       const int64_t index = ((2 * T + p.t) * H + p.h) * W + p.w;
       WALT_CHECK(walt::token_index(g, e, i, 2) == index && walt::token_index(g, e, static_cast<int>(i), 2) == index);
       WALT_CHECK(walt::bias_pos(g, e, static_cast<int>(i)) == walt::bias_pos(g, l));
