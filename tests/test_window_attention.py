@@ -401,6 +401,37 @@ def test_other_isa_paths_match_oracle(isa):
     assert expected in run.stdout, run.stdout
 
 
+_CAP_SCRIPT = """
+import torch, walt
+from walt.ops import add_noise
+try:
+    path = walt._C.attention_cpu_path()
+    add_noise(torch.zeros(1, 4), torch.tensor([0]), torch.linspace(0.9, 0.1, 10))
+    print(path)
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.parametrize("cap", ("avx512", "avx512f", "avx2", "baseline", "sse9"))
+def test_both_ops_read_one_isa_cap(cap):
+    # WALT_CPU_ISA has one vocabulary (walt/cpu_features.h): attention and noise accept the same
+    # values, and refuse the same ones in the same words.
+    env = dict(os.environ, WALT_CPU_ISA=cap, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", _CAP_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.strip()
+    features = walt._C.cpu_features()
+    if cap == "sse9":
+        assert out == "error: WALT_CPU_ISA must be one of 'baseline', 'avx2' or 'avx512', got 'sse9'.", out
+    elif cap.startswith("avx512") and features["avx512f"]:
+        assert out == "avx512f loops, walt GEMM", out
+    elif cap != "baseline" and features["avx2"]:
+        assert out == "avx2 loops, walt GEMM", out
+    else:
+        assert out == "baseline loops, BLAS GEMM", out
+
+
 # Every op on inputs without elements, each in a fresh interpreter: a crash in native code (SIGFPE,
 # SIGSEGV) then fails one case instead of killing pytest.
 _EMPTY_SCRIPT = textwrap.dedent("""

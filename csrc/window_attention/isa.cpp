@@ -251,21 +251,22 @@ WALT_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 }
 #endif  // __x86_64__
 
-// WALT_CPU_ISA=avx2|baseline caps the choice below what the CPU offers, so the other code paths
-// (including the BLAS GEMM path) can be tested on any machine.
+// The row loops and GEMM of cpu_isa(): WALT_CPU_ISA caps the choice below what the CPU offers, so
+// the other code paths (including the BLAS GEMM path) can be tested on any machine.
 RowOps pick() {
-  const char* cap = std::getenv("WALT_CPU_ISA");
-  const bool allow512 = cap == nullptr || std::strcmp(cap, "avx512f") == 0;
-  const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
-  (void)allow512;
-  (void)allow2;
+  const CpuIsa isa = cpu_isa();
 #if defined(__x86_64__)
-  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, log_add_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512, add_avx512,
-                                                     bias_add_avx512, bias_acc_avx512, gemm_rows_avx512, transpose16_avx512};
+  if (isa == CpuIsa::avx512)
+    return {"avx512f",         max_avx512,          exp_sum_avx512,         log_add_avx512,    exp_avx512,
+            scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512,        add_avx512,
+            bias_add_avx512,   bias_acc_avx512,     gemm_rows_avx512,       transpose16_avx512};
   using P = PlainRows<float>;
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, P::log_add, exp_avx2, P::scale_copy, softmax_grad_avx2, P::softmax_grad_dp, dot_avx2, P::add, P::bias_add,
-                                          P::bias_acc, gemm_rows_avx2, transpose16_avx2};
+  if (isa == CpuIsa::avx2)
+    return {"avx2",        max_avx2,          exp_sum_avx2,       P::log_add,      exp_avx2,
+            P::scale_copy, softmax_grad_avx2, P::softmax_grad_dp, dot_avx2,        P::add,
+            P::bias_add,   P::bias_acc,       gemm_rows_avx2,     transpose16_avx2};
 #endif
+  (void)isa;
   using B = PlainRows<float>;
   return {"baseline", B::max, B::exp_sum, B::log_add, B::exp, B::scale_copy, B::softmax_grad, B::softmax_grad_dp, B::dot, B::add, B::bias_add, B::bias_acc,
           nullptr, nullptr};
