@@ -1,12 +1,13 @@
 // walt._C: the Python module that carries the ops library. The ops themselves are registered
 // with TORCH_LIBRARY_FRAGMENT(walt, ...) in each op's op.cpp; this file only exposes what is not
-// an op: how the library was built and what the running CPU offers.
+// an op: how the library was built, what the running CPU offers and the limits the ops check.
 #include <torch/extension.h>
 
 #include <string>
 
 #include "walt/cpu_features.h"
-#include "window_attention/rows.h"
+#include "window_attention/checks.h"
+#include "window_attention/isa.h"
 
 namespace {
 
@@ -39,11 +40,25 @@ std::string attention_cpu_path() {
   return std::string(ops.isa) + (ops.gemm ? " loops, walt GEMM" : " loops, BLAS GEMM");
 }
 
+// The limits the ops' checks apply, for the Python side to quote (walt/ops/window_attention.py).
+pybind11::dict limits() {
+  pybind11::dict tokens;
+  tokens["cpu"] = walt::attn::window_token_limit(c10::DeviceType::CPU);
+  tokens["cuda"] = walt::attn::window_token_limit(c10::DeviceType::CUDA);
+  pybind11::dict attention;
+  attention["max_window_entry"] = walt::attn::kMaxWindowEntry;
+  attention["max_window_tokens"] = tokens;
+  pybind11::dict all;
+  all["window_attention"] = attention;
+  return all;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "walt fused kernels (ops are registered under torch.ops.walt)";
   m.def("build_info", &build_info, "How walt._C was built.");
   m.def("cpu_features", &cpu_features, "SIMD features of the running CPU that walt's kernels dispatch on.");
+  m.def("limits", &limits, "The limits the ops' argument checks apply (window entries, tokens per window and device).");
   m.def("attention_cpu_path", &attention_cpu_path, "Which row loops and GEMM float32 CPU attention runs on here.");
 }

@@ -302,21 +302,23 @@ def _call(**over):
 @pytest.mark.parametrize(
     "over, error, message",
     [
-        (dict(t=torch.tensor([[0, 1]])), ValueError, r"t must have shape \(B,\) = \(2,\).*got \(1, 2\)"),
-        (dict(t=torch.tensor([0, 1, 2])), ValueError, r"t must have shape \(B,\) = \(2,\).*got \(3,\)"),
+        (dict(t=torch.tensor([[0, 1]])), ValueError, r"t must have shape \(B,\) = \(2,\).*got shape \[1, 2\]"),
+        (dict(t=torch.tensor([0, 1, 2])), ValueError, r"t must have shape \(B,\) = \(2,\).*got shape \[3\]"),
         (dict(t=torch.tensor([0.0, 1.0])), TypeError, "t must be an integer tensor"),
         (dict(x0=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "x0 must be float64, float32, bfloat16 or float16"),
-        (
-            dict(noise=torch.zeros(2, 3, dtype=torch.float64)),
-            TypeError,
-            "noise must have x0's dtype torch.float32, got torch.float64",
-        ),
-        (dict(noise=torch.zeros(2, 4)), ValueError, r"noise must have x0's shape \(2, 3\), got \(2, 4\)"),
+        (dict(x0=torch.zeros(())), ValueError, "x0 must have a leading batch dimension"),
+        (dict(noise=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "noise must have x0's dtype Float, got Double"),
+        (dict(noise=torch.zeros(2, 4)), ValueError, r"noise must have x0's shape \[2, 3\], got \[2, 4\]"),
         (dict(target="velocity"), ValueError, "target must be 'v', 'eps' or 'x0', got 'velocity'"),
-        (dict(alphas_cumprod=AC[None]), ValueError, r"must be a non-empty 1-D table, got shape \(1, 1000\)"),
-        (dict(alphas_cumprod=AC[:0]), ValueError, r"alphas_cumprod must be a non-empty 1-D table, got shape \(0,\)"),
-        (dict(keys=torch.tensor([1, 2, 3])), ValueError, r"keys must have shape \(B,\) = \(2,\).*got \(3,\)"),
-        (dict(keys=torch.tensor([1.0, 2.0])), TypeError, "keys must be an integer tensor"),
+        (dict(alphas_cumprod=AC[None]), ValueError, r"must be a non-empty 1-D tensor .*, got shape \[1, 1000\]"),
+        (dict(alphas_cumprod=AC[:0]), ValueError, r"alphas_cumprod must be a non-empty 1-D tensor .*, got shape \[0\]"),
+        (dict(alphas_cumprod=AC.long()), TypeError, "alphas_cumprod must be a floating-point tensor, got Long"),
+        (dict(keys=torch.tensor([1, 2, 3])), ValueError, r"keys must have shape \(B,\) = \(2,\).*got shape \[3\]"),
+        (dict(keys=torch.tensor([1.0, 2.0])), TypeError, "keys must be an integer tensor, got Float"),
+        (dict(t=torch.tensor([0, 1], device="meta")), ValueError, "t must be on x0's device cpu, got meta"),
+        # What only the Python face checks: Python types, the seed's range, a schedule that requires grad.
+        (dict(t=[0, 1]), TypeError, "t must be a torch.Tensor, got list"),
+        (dict(noise=0.5), TypeError, "noise must be a torch.Tensor or None, got float"),
         (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*64\), got -1"),
         (dict(seed=2**64), ValueError, r"seed must be an int in \[0, 2\*\*64\)"),
         (dict(alphas_cumprod=AC.clone().requires_grad_()), ValueError, "alphas_cumprod must not require grad"),
@@ -327,10 +329,19 @@ def test_bad_inputs_raise_one_clear_sentence(over, error, message):
         _call(**over)
 
 
+def test_keys_of_any_integer_dtype_are_their_int64_values():
+    x0 = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([5, 500, 900])
+    for keys in (torch.tensor([7, 2**31 - 1, 12], dtype=torch.int32), torch.tensor([7, 200, 12], dtype=torch.uint8)):
+        want = add_noise(x0, t, AC, seed=3, keys=keys.long())
+        got = add_noise(x0, t, AC, seed=3, keys=keys)  # converted by the op (csrc/noise/checks.cpp)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("t, shown", [([0, 1000], r"\[0, 1000\]"), ([-1, 3], r"\[-1, 3\]")])
 def test_t_out_of_range(t, shown):
     expected = r"every t must index alphas_cumprod, i.e. lie in \[0, 1000\), got values in " + shown
-    with pytest.raises(RuntimeError, match=expected):
+    with pytest.raises(ValueError, match=expected):
         _call(t=torch.tensor(t))
 
 
@@ -338,19 +349,19 @@ X, T2 = torch.zeros(2, 3), torch.tensor([0, 1])
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, error, message",
     [
-        ((X, torch.tensor([0]), AC, 0, None, None, "v"), r"t must have shape \(B,\) = \(2,\)"),
-        ((X, T2, AC[None], 0, None, None, "v"), "alphas_cumprod must be a non-empty 1-D tensor"),
-        ((X, T2, AC, 0, T2.int(), None, "v"), "keys must be an int64 tensor"),
-        ((X, T2, AC, 0, None, X.half(), "v"), r"noise must have x0's dtype \(Float\), got Half"),
-        ((X, T2, AC, 0, None, None, "score"), "target must be 'v', 'eps' or 'x0', got 'score'"),
-        ((torch.zeros(()), torch.tensor([0]), AC, 0, None, None, "v"), "x0 must have a leading batch dimension"),
+        ((X, torch.tensor([0]), AC, 0, None, None, "v"), ValueError, r"t must have shape \(B,\) = \(2,\)"),
+        ((X, T2, AC[None], 0, None, None, "v"), ValueError, "alphas_cumprod must be a non-empty 1-D tensor"),
+        ((X, T2, AC, 0, T2.float(), None, "v"), TypeError, "keys must be an integer tensor"),
+        ((X, T2, AC, 0, None, X.half(), "v"), TypeError, r"noise must have x0's dtype Float, got Half"),
+        ((X, T2, AC, 0, None, None, "score"), ValueError, "target must be 'v', 'eps' or 'x0', got 'score'"),
+        ((torch.zeros(()), torch.tensor([0]), AC, 0, None, None, "v"), ValueError, "x0 must have a leading batch dimension"),
     ],
 )
-def test_the_op_itself_checks_its_arguments(args, message):
-    # the same mistakes reaching torch.ops.walt.add_noise directly, past the Python checks
-    with pytest.raises(RuntimeError, match=message):
+def test_the_op_itself_checks_its_arguments(args, error, message):
+    # the same mistakes reaching torch.ops.walt.add_noise directly, past the Python face
+    with pytest.raises(error, match=message):
         torch.ops.walt.add_noise(*args)
 
 
@@ -359,7 +370,7 @@ def test_alphas_cumprod_outside_zero_one_is_refused(bad, shown):
     table = AC.clone()
     table[500] = bad  # even a timestep that is not drawn: the table itself is wrong
     message = r"alphas_cumprod must lie in \[0, 1\] \(a cumulative product of 1 - beta\), got " + shown
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         _call(alphas_cumprod=table)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         torch.ops.walt.add_noise(X, T2, table, 0, None, None, "v")

@@ -166,7 +166,7 @@ def test_kept_probabilities_are_the_softmax_and_give_the_recomputed_gradients():
     recomputed = torch.ops.walt.window_attention_backward(grad, q, k, v, out, lse, list(window), 0.25, table, True)
     for a, b in zip(kept, recomputed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    with pytest.raises(RuntimeError, match="probs must be the contiguous"):
+    with pytest.raises(ValueError, match="probs must be the contiguous"):
         torch.ops.walt.window_attention_backward_kept_probs(grad, q, k, v, out, lse, probs[:, :1], list(window), 0.25, table, True)
 
 
@@ -264,36 +264,64 @@ def _expect(exc, match, fn):
 
 
 def test_bad_inputs_raise_clear_errors():
+    # The op checks its tensors itself: the same sentence, and the same ValueError or TypeError,
+    # through the Python face and through torch.ops.walt.
     q, k, v, table = make_inputs((1, 2, 4, 4, 2, 8), torch.float32, "contiguous", True, (2, 2, 2))
     w = (2, 2, 2)
-    _expect(ValueError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions", lambda: window_attention(q[0], k[0], v[0], w))
-    _expect(ValueError, r"k must have q's shape \(1, 2, 4, 4, 2, 8\), got \(1, 2, 4, 3, 2, 8\)", lambda: window_attention(q, k[:, :, :, :3], v, w))
-    _expect(TypeError, r"v must have q's dtype torch.float32, got torch.float64", lambda: window_attention(q, k, v.double(), w))
-    _expect(TypeError, r"q must be float64, float32, bfloat16 or float16, got torch.int64", lambda: window_attention(q.long(), k.long(), v.long(), w))
-    _expect(ValueError, r"k must be on q's device cpu, got meta", lambda: window_attention(q, k.to("meta"), v, w))
-    _expect(ValueError, r"v must have unit stride on its last dimension \(d\), got stride 2", lambda: window_attention(q, k, torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], w))
-    _expect(ValueError, r"every window entry must be at least 1, got \(2, 0, 2\)", lambda: window_attention(q, k, v, (2, 0, 2)))
-    _expect(ValueError, r"window must have 3 entries \(wt, wh, ww\), got 2", lambda: window_attention(q, k, v, (2, 2)))
-    _expect(TypeError, r"window must be a sequence of 3 integers", lambda: window_attention(q, k, v, 2))
-    _expect(ValueError, r"rel_pos_bias must have shape \(2, 3, 3, 3\) .* got \(2, 3, 3\)", lambda: window_attention(q, k, v, w, rel_pos_bias=table[..., 0]))
-    _expect(ValueError, r"rel_pos_bias must have shape \(2, 3, 3, 3\) .* got \(2, 5, 5, 5\)", lambda: window_attention(q, k, v, w, rel_pos_bias=torch.zeros(2, 5, 5, 5)))
-    _expect(TypeError, r"rel_pos_bias must have q's dtype or float32, got torch.float64", lambda: window_attention(q, k, v, w, rel_pos_bias=table.double()))
-    _expect(TypeError, r"scale must be a number or None, got str", lambda: window_attention(q, k, v, w, scale="0.5"))
-    big = torch.zeros(1, 3, 32, 32, 1, 1)
-    _expect(ValueError, r"a window may hold at most 2048 tokens on CPU, got 3072 \(window \(8, 32, 32\) on a \(3, 32, 32\) grid\)", lambda: window_attention(big, big, big, (8, 32, 32)))
-    # The op itself checks too (callers that bypass the Python wrapper get the same sentences).
     op = torch.ops.walt.window_attention
-    _expect(RuntimeError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions", lambda: op(q[0], k[0], v[0], [2, 2, 2], 0.5, None))
-    _expect(RuntimeError, r"k must have q's shape \[1, 2, 4, 4, 2, 8\], got \[1, 2, 4, 3, 2, 8\]", lambda: op(q, k[:, :, :, :3], v, [2, 2, 2], 0.5, None))
-    _expect(RuntimeError, r"q must have unit stride on its last dimension \(d\), got stride 2", lambda: op(torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], k, v, [2, 2, 2], 0.5, None))
-    _expect(RuntimeError, r"every window entry must be at least 1, got \[2, -1, 2\]", lambda: op(q, k, v, [2, -1, 2], 0.5, None))
-    _expect(RuntimeError, r"rel_pos_bias must have shape \[2, 3, 3, 3\]", lambda: op(q, k, v, [2, 2, 2], 0.5, torch.zeros(2, 3, 3)))
-    _expect(RuntimeError, r"a window may hold at most 2048 tokens on CPU, got 3072", lambda: op(big, big, big, [8, 32, 32], 1.0, None))
+    big = torch.zeros(1, 3, 32, 32, 1, 1)
+    cases = [
+        (ValueError, r"q must be a 6-D tensor \(B, T, H, W, heads, d\), got 5 dimensions\.$", (q[0], k[0], v[0], w)),
+        (ValueError, r"k must have q's shape \[1, 2, 4, 4, 2, 8\], got \[1, 2, 4, 3, 2, 8\]\.$", (q, k[:, :, :, :3], v, w)),
+        (TypeError, r"v must have q's dtype Float, got Double\.$", (q, k, v.double(), w)),
+        (TypeError, r"q must be float64, float32, bfloat16 or float16, got Long\.$", (q.long(), k.long(), v.long(), w)),
+        (ValueError, r"v must have unit stride on its last dimension \(d\), got stride 2\.$",
+         (q, k, torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], w)),
+        (ValueError, r"q must have unit stride on its last dimension \(d\), got stride 2\.$",
+         (torch.randn(1, 2, 4, 4, 2, 16)[..., ::2], k, v, w)),
+        (ValueError, r"every window entry must be at least 1, got \[2, 0, 2\]\.$", (q, k, v, (2, 0, 2))),
+        (ValueError, r"every window entry must be at least 1, got \[2, -1, 2\]\.$", (q, k, v, (2, -1, 2))),
+        (ValueError, r"window must have 3 entries \(wt, wh, ww\), got 2\.$", (q, k, v, (2, 2))),
+        (ValueError, r"a window may hold at most 2048 tokens on CPU, got 3072 \(window \[8, 32, 32\] on a \[3, 32, 32\] grid\)\.$",
+         (big, big, big, (8, 32, 32))),
+    ]
+    for exc, match, (q_, k_, v_, w_) in cases:
+        _expect(exc, match, lambda: window_attention(q_, k_, v_, w_))
+        _expect(exc, match, lambda: op(q_, k_, v_, list(w_), 0.5, None))
+    bias_cases = [
+        (ValueError, r"rel_pos_bias must have shape \[2, 3, 3, 3\] \(heads, 2\*wt-1, .*\), got \[2, 3, 3\]\.$", table[..., 0]),
+        (ValueError, r"rel_pos_bias must have shape \[2, 3, 3, 3\] .* got \[2, 5, 5, 5\]\.$", torch.zeros(2, 5, 5, 5)),
+        (TypeError, r"rel_pos_bias must have q's dtype or float32, got Double\.$", table.double()),
+    ]
+    for exc, match, bias in bias_cases:
+        _expect(exc, match, lambda: window_attention(q, k, v, w, rel_pos_bias=bias))
+        _expect(exc, match, lambda: op(q, k, v, list(w), 0.5, bias))
+    _expect(ValueError, r"scale must be a finite number, got inf\.$", lambda: window_attention(q, k, v, w, scale=float("inf")))
+    # What only the Python face checks: the arguments' Python types and window as integers.
+    _expect(TypeError, r"window must be a sequence of 3 integers", lambda: window_attention(q, k, v, 2))
+    _expect(TypeError, r"scale must be a number or None, got str", lambda: window_attention(q, k, v, w, scale="0.5"))
+    _expect(TypeError, r"k must be a torch.Tensor, got list", lambda: window_attention(q, [1.0], v, w))
+    _expect(TypeError, r"rel_pos_bias must be a torch.Tensor or None, got float", lambda: window_attention(q, k, v, w, rel_pos_bias=0.5))
+    # A mix of meta and real tensors is dispatched to the fake kernel, which refuses it in the same words.
+    _expect(ValueError, r"k must be on q's device cpu, got meta\.$", lambda: window_attention(q, k.to("meta"), v, w))
+    _expect(ValueError, r"k must be on q's device cpu, got meta\.$", lambda: op(q, k.to("meta"), v, list(w), 0.5, None))
     out, lse = op(q, k, v, [2, 2, 2], 0.5, None)
     bwd = torch.ops.walt.window_attention_backward
-    _expect(RuntimeError, r"lse must have shape \[1, 2, 4, 4, 2\] \(B, T, H, W, heads\), got \[1, 2, 4, 4\]", lambda: bwd(out, q, k, v, out, lse[..., 0], [2, 2, 2], 0.5, None, False))
-    _expect(RuntimeError, r"lse must be Float for Float inputs, got Double", lambda: bwd(out, q, k, v, out, lse.double(), [2, 2, 2], 0.5, None, False))
-    _expect(RuntimeError, r"grad_out must have q's shape", lambda: bwd(out[:, :1], q, k, v, out, lse, [2, 2, 2], 0.5, None, False))
+    _expect(ValueError, r"lse must have shape \[1, 2, 4, 4, 2\] \(B, T, H, W, heads\), got \[1, 2, 4, 4\]\.$", lambda: bwd(out, q, k, v, out, lse[..., 0], [2, 2, 2], 0.5, None, False))
+    _expect(TypeError, r"lse must be Float for Float inputs, got Double\.$", lambda: bwd(out, q, k, v, out, lse.double(), [2, 2, 2], 0.5, None, False))
+    _expect(ValueError, r"grad_out must have q's shape", lambda: bwd(out[:, :1], q, k, v, out, lse, [2, 2, 2], 0.5, None, False))
+
+
+def test_token_limits_come_from_the_op():
+    import walt._C
+
+    limits = walt._C.limits()["window_attention"]
+    assert OPS.MAX_WINDOW_TOKENS == limits["max_window_tokens"] and set(limits["max_window_tokens"]) == {"cpu", "cuda"}
+    assert OPS.MAX_WINDOW_ENTRY == limits["max_window_entry"] == 2**31 - 1
+    n = OPS.MAX_WINDOW_TOKENS["cpu"]
+    q = torch.zeros(1, 1, 1, n + 1, 1, 1)
+    window_attention(q[:, :, :, :n], q[:, :, :, :n], q[:, :, :, :n], (1, 1, n))  # the limit itself is allowed
+    _expect(ValueError, f"at most {n} tokens on CPU, got {n + 1}", lambda: window_attention(q, q, q, (1, 1, n + 1)))
 
 
 def test_profiler_shows_one_fused_call_and_no_copies(probs_policy):
@@ -373,6 +401,37 @@ def test_other_isa_paths_match_oracle(isa):
     assert expected in run.stdout, run.stdout
 
 
+_CAP_SCRIPT = """
+import torch, walt
+from walt.ops import add_noise
+try:
+    path = walt._C.attention_cpu_path()
+    add_noise(torch.zeros(1, 4), torch.tensor([0]), torch.linspace(0.9, 0.1, 10))
+    print(path)
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+@pytest.mark.parametrize("cap", ("avx512", "avx512f", "avx2", "baseline", "sse9"))
+def test_both_ops_read_one_isa_cap(cap):
+    # WALT_CPU_ISA has one vocabulary (walt/cpu_features.h): attention and noise accept the same
+    # values, and refuse the same ones in the same words.
+    env = dict(os.environ, WALT_CPU_ISA=cap, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", _CAP_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.strip()
+    features = walt._C.cpu_features()
+    if cap == "sse9":
+        assert out == "error: WALT_CPU_ISA must be one of 'baseline', 'avx2' or 'avx512', got 'sse9'.", out
+    elif cap.startswith("avx512") and features["avx512f"]:
+        assert out == "avx512f loops, walt GEMM", out
+    elif cap != "baseline" and features["avx2"]:
+        assert out == "avx2 loops, walt GEMM", out
+    else:
+        assert out == "baseline loops, BLAS GEMM", out
+
+
 # Every op on inputs without elements, each in a fresh interpreter: a crash in native code (SIGFPE,
 # SIGSEGV) then fails one case instead of killing pytest.
 _EMPTY_SCRIPT = textwrap.dedent("""
@@ -427,9 +486,12 @@ def test_window_entries_must_be_integers_in_range():
     _expect(TypeError, r"window must be a sequence of 3 integers \(wt, wh, ww\), got \(1.9, 2.7, 2.2\)",
             lambda: window_attention(q, q, q, (1.9, 2.7, 2.2)))
     _expect(TypeError, r"window must be a sequence of 3 integers", lambda: window_attention(q, q, q, (True, 2, 2)))
-    _expect(ValueError, r"every window entry must be at most 2147483647 \(2\*\*31 - 1\), got \(9223372036854775808, 2, 2\)",
+    # Beyond int64 an entry cannot reach the op: the Python face refuses it; the op refuses the rest.
+    _expect(ValueError, r"window entries must lie in \[1, 2147483647\], got \(9223372036854775808, 2, 2\)",
             lambda: window_attention(q, q, q, (2**63, 2, 2)))
-    _expect(RuntimeError, r"every window entry must be at most 2147483647",
+    _expect(ValueError, r"every window entry must be at most 2147483647 \(2\*\*31 - 1\), got \[4611686018427387904, 2, 2\]",
+            lambda: window_attention(q, q, q, (2**62, 2, 2)))
+    _expect(ValueError, r"every window entry must be at most 2147483647",
             lambda: torch.ops.walt.window_attention(q, q, q, [2**62, 2, 2], 0.5, None))
     import numpy as np
 

@@ -197,7 +197,7 @@ def test_opcheck_and_shared_argument_checks():
     torch.library.opcheck(fwd.default, (q, k, v, [2, 3, 3], 0.35, table))
     out, lse = fwd(q, k, v, [2, 3, 3], 0.35, table)
     torch.library.opcheck(bwd.default, (grad, q, k, v, out, lse, [2, 3, 3], 0.35, table, True))
-    with pytest.raises(RuntimeError, match=r"every window entry must be at least 1, got \[2, 0, 3\]"):
+    with pytest.raises(ValueError, match=r"every window entry must be at least 1, got \[2, 0, 3\]"):
         fwd(q, k, v, [2, 0, 3], 0.35, None)
-    with pytest.raises(RuntimeError, match=r"lse must be Float for Float inputs, got Double"):
+    with pytest.raises(TypeError, match=r"lse must be Float for Float inputs, got Double"):
         bwd(grad, q, k, v, out, lse.double(), [2, 3, 3], 0.35, table, True)

@@ -13,7 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "noise.h"
+#include "cpu.h"
 #include "walt/cpu_features.h"
 
 // No FMA contraction in this file's kernels: x_t = a*x0 + s*eps must round both products like
@@ -194,30 +194,9 @@ void run(const AddNoiseArgs& args, int level, scalar_t* x_t, scalar_t* tgt) {
 #pragma GCC pop_options
 
 namespace walt::noise {
-namespace {
-
-// The widest vector level this CPU runs (0 baseline, 1 AVX2+FMA, 2 AVX-512), capped by
-// WALT_CPU_ISA=baseline|avx2|avx512 (set it to compare the builds or to rule one out).
-int select_level() {
-  int level = 0;
-#if defined(__x86_64__)
-  level = cpu_has_avx512f() ? 2 : cpu_has_avx2() ? 1 : 0;
-#endif
-  if (const char* cap = std::getenv("WALT_CPU_ISA"); cap != nullptr && *cap != '\0') {
-    const int want = std::strcmp(cap, "baseline") == 0 ? 0
-                     : std::strcmp(cap, "avx2") == 0   ? 1
-                     : std::strcmp(cap, "avx512") == 0 ? 2
-                                                       : -1;
-    TORCH_CHECK(want >= 0, "WALT_CPU_ISA must be one of 'baseline', 'avx2' or 'avx512', got '", cap, "'.");
-    level = std::min(level, want);
-  }
-  return level;
-}
-
-}  // namespace
 
 void add_noise_cpu_kernel(const AddNoiseArgs& args, at::Tensor& x_t, at::Tensor& target) {
-  const int level = select_level();
+  const int level = static_cast<int>(cpu_isa());  // 0 baseline, 1 AVX2+FMA, 2 AVX-512
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.x0.scalar_type(), "walt::add_noise", [&] {
     scalar_t* xt = x_t.mutable_data_ptr<scalar_t>();
     scalar_t* tg = target.mutable_data_ptr<scalar_t>();

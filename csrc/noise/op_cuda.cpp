@@ -1,13 +1,13 @@
-// CUDA registration of walt::add_noise: the checks every device shares (op.cpp), then the
-// torch-free launcher in cuda.cu. Compiled only when the extension is built with CUDA.
+// CUDA registration of walt::add_noise: the checks every device shares (checks.h), then the
+// torch-free launcher (cuda/launch.h). Compiled only when the extension is built with CUDA.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "noise.h"
-#include "noise_cuda.h"
+#include "checks.h"
+#include "cuda/launch.h"
 
 namespace walt::noise {
 namespace {
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x0.device().index()));
   const int64_t batch = args.x0.size(0);
-  CudaNoiseParams p;
+  cuda::AddNoiseParams p;
   p.dtype = kernel_dtype(args.x0.scalar_type());
   p.x0 = args.x0.const_data_ptr();
   p.noise = args.noise ? args.noise->const_data_ptr() : nullptr;
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at
   p.x_t = x_t.mutable_data_ptr();
   p.target_out = tgt.mutable_data_ptr();
   p.num_sms = sms;
-  C10_CUDA_CHECK(launch_add_noise(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_add_noise(p, c10::cuda::getCurrentCUDAStream()));
   return {x_t, tgt};
 }
 

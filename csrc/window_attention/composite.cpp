@@ -49,10 +49,6 @@ struct Slots {
   at::Tensor rel;      // (n * n) int64: (query slot, key slot) -> flat bias table entry; undefined without bias
 };
 
-Coord3 slot_coords(const WindowGeometry& g, int64_t slot) {
-  return Coord3{slot / (g.wh * g.ww), (slot / g.ww) % g.wh, slot % g.ww};
-}
-
 Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
   Slots s;
   s.g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
@@ -71,16 +67,15 @@ Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
   int64_t* ip = inverse.mutable_data_ptr<int64_t>();
   bool* pp = padding.mutable_data_ptr<bool>();
   bool any_padding = false;
+  const WindowExtent full = window_extent(g, 0);  // the first window is always full: its slots are every window's
   for (int64_t win = 0; win < s.windows; ++win) {
     const WindowExtent e = window_extent(g, win);
-    const Coord3 first = global_coords(e, Coord3{0, 0, 0});
-    const int64_t first_token = (first.t * g.H + first.h) * g.W + first.w;
+    const int64_t first_token = token_index(g, e, Coord3{0, 0, 0}, 0);
     for (int64_t slot = 0; slot < s.n; ++slot) {
-      const Coord3 local = slot_coords(g, slot);
+      const Coord3 local = local_coords(full, slot);
       const int64_t i = win * s.n + slot;
       if (local.t < e.et && local.h < e.eh && local.w < e.ew) {
-        const Coord3 c = global_coords(e, local);
-        const int64_t token = (c.t * g.H + c.h) * g.W + c.w;
+        const int64_t token = token_index(g, e, local, 0);
         gp[i] = token;
         ip[token] = i;
       } else {
@@ -98,7 +93,7 @@ Slots make_slots(const at::Tensor& q, at::IntArrayRef window, bool with_bias) {
     at::Tensor rel = at::empty({s.n * s.n}, host);
     int64_t* rp = rel.mutable_data_ptr<int64_t>();
     for (int64_t a = 0; a < s.n; ++a) {
-      for (int64_t b = 0; b < s.n; ++b) rp[a * s.n + b] = bias_index(g, slot_coords(g, a), slot_coords(g, b));
+      for (int64_t b = 0; b < s.n; ++b) rp[a * s.n + b] = bias_index(g, local_coords(full, a), local_coords(full, b));
     }
     s.rel = rel.to(dev);
   }
@@ -177,9 +172,6 @@ std::tuple<at::Tensor, at::Tensor> forward_composite(const at::Tensor& q, const 
                                                      at::IntArrayRef window, double scale,
                                                      const std::optional<at::Tensor>& rel_pos_bias) {
   const at::ScalarType compute = compute_type(q);
-  if (q.numel() == 0) {
-    return {at::empty(q.sizes(), q.options()), at::empty(q.sizes().slice(0, 5), q.options().dtype(compute))};
-  }
   const Slots s = make_slots(q, window, rel_pos_bias.has_value());
   at::Tensor S = logits(to_windows(q, s, compute), to_windows(k, s, compute), s, scale, rel_pos_bias);
   at::Tensor lse = at::logsumexp(S, -1);
@@ -194,11 +186,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_composite(
     bool bias_requires_grad) {
   const at::ScalarType compute = compute_type(q);
   const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
-  if (q.numel() == 0) {
-    const auto like_q = q.options();
-    return {at::empty(q.sizes(), like_q), at::empty(q.sizes(), like_q), at::empty(q.sizes(), like_q),
-            want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, like_q)};
-  }
   const Slots s = make_slots(q, window, rel_pos_bias.has_value());
   const at::Tensor Q = to_windows(q, s, compute), K = to_windows(k, s, compute), V = to_windows(v, s, compute);
   const at::Tensor dO = to_windows(grad_out, s, compute);
@@ -227,6 +214,10 @@ std::tuple<at::Tensor, at::Tensor> composite_op(const at::Tensor& q, const at::T
                                                 at::IntArrayRef window, double scale,
                                                 const std::optional<at::Tensor>& rel_pos_bias) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
+  if (q.numel() == 0) {
+    auto [out, lse, probs] = empty_forward(q, window, /*keep_probs=*/false);
+    return {out, lse};
+  }
   return forward_composite(q, k, v, window, scale, rel_pos_bias);
 }
 
@@ -235,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> composite_backward_op
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
   check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
   return backward_composite(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad);
 }
 

@@ -6,9 +6,10 @@
 // rescaling needed) and a second GEMM for P V, and writes its output rows. No partitioned copies
 // of q, k, v or out exist at tensor level: float32 on AVX-512 and AVX2 CPUs reads q (any strides,
 // unit stride on d) and writes out in place through per-token row pointers, copying only the
-// task's GEMM B operands (K transposed, V) into thread-local buffers; other dtypes and CPUs gather
-// the window's rows into thread-local, 64-byte aligned float32 buffers (float64 for float64;
-// bf16/fp16 converted on load) and scatter the results. Tasks never share output elements
+// task's GEMM B operands (K transposed, V) into thread-local buffers (forward_in_place,
+// backward_in_place); other dtypes and CPUs gather the window's rows into thread-local, 64-byte
+// aligned float32 buffers (float64 for float64; bf16/fp16 converted on load) and scatter the
+// results (forward_gathered, backward_gathered). Tasks never share output elements
 // (windows do not overlap), there are no cross-thread reductions, and each task's arithmetic
 // does not depend on which thread runs it, so results are bitwise identical across runs and
 // thread counts. The bias gradient is summed from per-task partial tables in a fixed order.
@@ -21,7 +22,7 @@
 // Every product is written as row-major C = op(A) B. On AVX-512 and AVX2 CPUs float32 products
 // run on the kernel's own GEMM (gemm_avx512.cpp, gemm_avx2.cpp); otherwise, and for float64, they
 // go to the BLAS PyTorch links (MKL here) through its Fortran interface.
-#include "kernel.h"
+#include "cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,7 +37,8 @@
 #include <memory>
 #include <vector>
 
-#include "rows.h"
+#include "checks.h"
+#include "isa.h"
 #include "walt/window_geometry.h"
 
 extern "C" {
@@ -93,19 +95,18 @@ struct Scratch {
 };
 
 // Strides (in elements) of a (B, T, H, W, heads, d) tensor.
-struct Strides {
-  int64_t b, t, h, w, head;
-  explicit Strides(const at::Tensor& x) : b(x.stride(0)), t(x.stride(1)), h(x.stride(2)), w(x.stride(3)), head(x.stride(4)) {}
-};
+inline TokenStrides strides(const at::Tensor& x) {
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+}
 
 // Calls f(i, offset) for the window's tokens in local order; offset is the token's element
 // offset for batch b and head `head` in a tensor with strides s.
 template <typename F>
-inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64_t head, F&& f) {
+inline void for_tokens(const WindowExtent& e, const TokenStrides& s, int64_t b, int64_t head, F&& f) {
   int64_t i = 0;
   for (int64_t t = 0; t < e.et; ++t)
     for (int64_t h = 0; h < e.eh; ++h) {
-      const int64_t base = b * s.b + (e.start.t + t) * s.t + (e.start.h + h) * s.h + e.start.w * s.w + head * s.head;
+      const int64_t base = token_offset(e, Coord3{t, h, 0}, s, b) + head * s.head;
       for (int64_t w = 0; w < e.ew; ++w) f(i++, base + w * s.w);
     }
 }
@@ -113,8 +114,8 @@ inline void for_tokens(const WindowExtent& e, const Strides& s, int64_t b, int64
 // dst row i = src row i * mul, converted to acc_t (n x d, row-major). Multiplying by the softmax
 // scale here keeps it out of the products.
 template <typename scalar_t, typename acc_t>
-inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
-                   int64_t d, acc_t mul = acc_t(1)) {
+inline void gather(acc_t* dst, const scalar_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b,
+                   int64_t head, int64_t d, acc_t mul = acc_t(1)) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     const scalar_t* x = src + off;
     acc_t* y = dst + i * d;
@@ -183,8 +184,8 @@ inline void transpose(acc_t* dst, const acc_t* src, int64_t rows, int64_t cols) 
 
 // dst row i = src row i * mul * (row_scale ? row_scale[i] : 1), converted to scalar_t.
 template <typename scalar_t, typename acc_t>
-inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const Strides& s, int64_t b, int64_t head,
-                    int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
+inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, const TokenStrides& s, int64_t b,
+                    int64_t head, int64_t d, acc_t mul = acc_t(1), const acc_t* row_scale = nullptr) {
   for_tokens(e, s, b, head, [&](int64_t i, int64_t off) {
     scalar_t* y = dst + off;
     const acc_t* x = src + i * d;
@@ -197,10 +198,11 @@ inline void scatter(scalar_t* dst, const acc_t* src, const WindowExtent& e, cons
   });
 }
 
-// The bias runs of a window's rows (rows.h) and where row i's first run starts in a head's
-// reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w.
+// The bias runs of a window's rows (isa.h) and where row i's first run starts in a head's
+// reversed table: the original index of key (t, h, w) is bias_index(q, 0) - t step_t - h step_h - w,
+// step_t and step_h being the table's strides of t and h.
 inline BiasRuns bias_runs(const WindowGeometry& g, const WindowExtent& e) {
-  return BiasRuns{e.et, e.eh, e.ew, (2 * g.rh - 1) * (2 * g.rw - 1), 2 * g.rw - 1};
+  return BiasRuns{e.et, e.eh, e.ew, bias_pos(g, Coord3{1, 0, 0}), bias_pos(g, Coord3{0, 1, 0})};
 }
 inline int64_t reversed_bias_start(const WindowGeometry& g, const WindowExtent& e, int64_t i) {
   return bias_table_size(g) - 1 - bias_index(g, local_coords(e, i), Coord3{0, 0, 0});
@@ -270,235 +272,369 @@ void run_tasks(int64_t ntasks, double flops, MakeScratch&& make_scratch, Body&& 
   });
 }
 
-// One (batch, head, window) task. Tasks run head-fastest, so consecutive tasks read
-// neighbouring bytes of the same tokens.
-struct Task {
-  int64_t b, head;
-  WindowExtent e;
-};
-inline Task decode_task(const WindowGeometry& g, int64_t heads, int64_t nwin, int64_t task) {
-  return Task{task / (heads * nwin), task % heads, window_extent(g, (task / heads) % nwin)};
+// The two algorithms of a task, forward and backward, each its own function:
+//   *_in_place: float32 on the kernel's own GEMM (AVX-512 and AVX2 CPUs). q, k, v, out and the
+//     gradients are read and written where they lie, through per-token row pointers; only the
+//     GEMMs' B operands are copied into thread-local rows.
+//   *_gathered: every other dtype and CPU. The window's rows are gathered into thread-local
+//     buffers in the accumulation type, the products go through mm() (the BLAS, or the kernel's own
+//     GEMM for bfloat16/float16 where it exists), and the results are scattered back.
+// Both share the softmax (forward) and the softmax gradient (backward) below.
+using GemmRows = decltype(RowOps::gemm);
+
+// Runs every task of a call (c: a ForwardCall or BackwardCall of `batch` batch elements), each
+// thread with `slices` scratch slices: in_place on the kernel's own GEMM for float32 where the CPU
+// has it, else gathered. products: the call's n x n x d products, which size its work (run_tasks).
+template <typename scalar_t, typename Call, typename InPlace, typename Gathered>
+void run_call(const Call& c, int64_t batch, double products, int slices, InPlace&& in_place, Gathered&& gathered) {
+  using acc_t = decltype(c.scale);
+  const int64_t ntasks = batch * c.nwin * c.heads;
+  const double flops = products * double(ntasks) * double(c.nmax * c.nmax * c.d);
+  const int64_t slice = std::max(c.nmax * c.nmax, transposed_ld(c.nmax) * c.d);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (c.gemm) return run_tasks(ntasks, flops, [&] { return Scratch<float>(slices, slice, c.nmax); }, in_place);
+  }
+  run_tasks(ntasks, flops, [&] { return Scratch<acc_t>(slices, slice); }, gathered);
 }
 
-// With `probs` defined, each task's probabilities are also written there (normalised, n x n at
-// the start of the task's n_max^2 slice) for the backward; out and lse are the same either way.
+// What every task of a call, forward or backward, shares: the geometry, q, k and v, the strides of
+// out and lse, the bias, the row loops and the GEMM.
 template <typename scalar_t, typename acc_t>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale_,
+struct Call {
+  WindowGeometry g;
+  int64_t heads, d, nwin, nmax, table;
+  acc_t scale;
+  TokenStrides sq, sk, sv, so, sl;
+  const scalar_t *qp, *kp, *vp;
+  const acc_t* bias;   // the reversed bias tables, or null
+  const acc_t* dense;  // the dense bias of a full window, or null
+  Rows<acc_t> rows;
+  GemmRows gemm;  // the kernel's own GEMM, or null
+};
+
+template <typename scalar_t, typename acc_t>
+Call<scalar_t, acc_t> make_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const WindowGeometry& g, double scale, const at::Tensor& bias,
+                                const at::Tensor& dense_bias) {
+  return {g,
+          q.size(4),
+          q.size(5),
+          num_windows(g),
+          max_window_tokens(g),
+          bias_table_size(g),
+          static_cast<acc_t>(scale),
+          strides(q),
+          strides(k),
+          strides(v),
+          strides(out),
+          strides(lse.unsqueeze(-1)),
+          q.const_data_ptr<scalar_t>(),
+          k.const_data_ptr<scalar_t>(),
+          v.const_data_ptr<scalar_t>(),
+          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+          dense_bias.defined() ? dense_bias.const_data_ptr<acc_t>() : nullptr,
+          Rows<acc_t>{},
+          row_ops().gemm};
+}
+
+// What every task of one forward call shares. With `kept` set, each task's probabilities are also
+// written there (normalised, n x n at the start of the task's n_max^2 slice) for the backward; out
+// and lse are the same either way.
+template <typename scalar_t, typename acc_t>
+struct ForwardCall : Call<scalar_t, acc_t> {
+  scalar_t* op;
+  acc_t* lp;
+  acc_t* kept;  // where the probabilities are kept, or null
+};
+
+// A task's batch element, head and window (numbered as walt/window_geometry.h says).
+struct TaskWindow {
+  int64_t task, b, head, n;
+  WindowExtent e;
+  TaskWindow(const WindowGeometry& g, int64_t heads, int64_t nwin, int64_t task_) : task(task_) {
+    const WindowTask w = decode_task(task, heads, nwin);
+    b = w.b;
+    head = w.head;
+    e = window_extent(g, w.win);
+    n = e.n;
+  }
+};
+
+// One forward task: its window and its slices of the thread's scratch (6 slices).
+template <typename acc_t>
+struct ForwardTask : TaskWindow {
+  acc_t *Q, *Kt, *V, *O, *S;
+  acc_t *inv, *row_lse, *row_max;  // per row: 1 / sum of exp, logsumexp, max; a slice holds >= 3 nmax
+  acc_t* P_kept;                  // the task's kept probabilities, or null
+
+  template <typename scalar_t>
+  ForwardTask(const ForwardCall<scalar_t, acc_t>& c, const Scratch<acc_t>& buf, int64_t task)
+      : TaskWindow(c.g, c.heads, c.nwin, task),
+        Q(buf[0]),
+        Kt(buf[1]),
+        V(buf[2]),
+        O(buf[3]),
+        S(buf[4]),
+        inv(buf[5]),
+        row_lse(buf[5] + c.nmax),
+        row_max(buf[5] + 2 * c.nmax),
+        P_kept(c.kept ? c.kept + task * c.nmax * c.nmax : nullptr) {
+    if (P_kept) std::fill(P_kept + n * n, P_kept + c.nmax * c.nmax, acc_t(0));  // a partial window's unused tail
+  }
+};
+
+// Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto the d
+// outputs of a row instead of its n probabilities. per_row(i) runs before row i.
+template <typename scalar_t, typename acc_t, typename PerRow>
+void softmax(const ForwardCall<scalar_t, acc_t>& c, const ForwardTask<acc_t>& t, PerRow&& per_row) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const BiasRuns runs = bias_runs(c.g, t.e);
+  for (int64_t i = 0; i < t.n; ++i) {
+    per_row(i);
+    acc_t* row = t.S + i * t.n;
+    add_row_bias(c.rows, row, i, c.g, t.e, runs, t.head, c.bias, c.dense);
+    const acc_t m = c.rows.max(row, t.n);
+    const acc_t sum = c.rows.exp_sum(row, t.n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
+    t.inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
+    t.row_max[i] = m;
+    t.row_lse[i] = sum;  // made the logsumexp below, all rows at once
+    if (c.kept) c.rows.scale_copy(t.P_kept + i * t.n, row, t.n, t.inv[i]);  // normalised, for the backward
+  }
+  c.rows.log_add(t.row_lse, t.row_max, t.n);
+}
+
+template <typename scalar_t, typename acc_t>
+void store_lse(const ForwardCall<scalar_t, acc_t>& c, const ForwardTask<acc_t>& t) {
+  for_tokens(t.e, c.sl, t.b, t.head, [&](int64_t i, int64_t off) { c.lp[off] = t.row_lse[i]; });
+}
+
+// q is read and out written in place through row pointers. The B operands are copied into
+// contiguous rows, which the GEMM streams whole-K (gemm_avx512.cpp): K transposed and times the
+// scale, then V.
+void forward_in_place(const ForwardCall<float, float>& c, Scratch<float>& buf, int64_t task) {
+  const ForwardTask<float> t(c, buf, task);
+  const int64_t n = t.n, d = c.d;
+  const float **qr = buf.in_rows.data(), **kr = qr + c.nmax, **vr = kr + c.nmax;
+  float** orow = buf.out_rows.data();
+  for_tokens(t.e, c.sq, t.b, t.head, [&](int64_t i, int64_t off) { qr[i] = c.qp + off; });
+  for_tokens(t.e, c.sk, t.b, t.head, [&](int64_t i, int64_t off) { kr[i] = c.kp + off; });
+  for_tokens(t.e, c.sv, t.b, t.head, [&](int64_t i, int64_t off) { vr[i] = c.vp + off; });
+  for_tokens(t.e, c.so, t.b, t.head, [&](int64_t i, int64_t off) { orow[i] = c.op + off; });
+  const int64_t ldk = transposed_ld(n);
+  transpose_rows(t.Kt, ldk, kr, n, d, qr, c.scale);
+  c.gemm(false, n, n, d, InRows{nullptr, 0, qr}, InRows{t.Kt, ldk}, OutRows{t.S, n}, 1.f);
+  // V's rows are copied during the softmax, each requested 8 rows ahead, so their misses overlap
+  // the exp. (Asking for out's rows as well measured 1.5% slower: at strides of a few KiB they
+  // share a few L2 sets with the q, k and v rows.)
+  prefetch_rows(vr, 0, std::min<int64_t>(8, n), d);
+  softmax(c, t, [&](int64_t i) {
+    if (i + 8 < n) prefetch_rows(vr, i + 8, i + 9, d);
+    std::memcpy(t.V + i * d, vr[i], sizeof(float) * d);
+  });
+  c.gemm(false, n, d, n, InRows{t.S, n}, InRows{t.V, d}, OutRows{nullptr, 0, orow, t.inv}, 1.f);
+  store_lse(c, t);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_gathered(const ForwardCall<scalar_t, acc_t>& c, Scratch<acc_t>& buf, int64_t task) {
+  const ForwardTask<acc_t> t(c, buf, task);
+  const int64_t n = t.n, d = c.d;
+  gather(t.Q, c.qp, t.e, c.sq, t.b, t.head, d, c.scale);  // Q holds scale * q
+  gather(t.O, c.kp, t.e, c.sk, t.b, t.head, d);           // K, row-major, in O's buffer until PV
+  transpose(t.Kt, t.O, n, d);
+  gather(t.V, c.vp, t.e, c.sv, t.b, t.head, d);
+  mm(n, n, d, t.Q, d, t.Kt, n, t.S, n);  // S = (scale Q) K^T
+  softmax(c, t, [](int64_t) {});
+  mm(n, d, n, t.S, n, t.V, d, t.O, d);  // O = P V
+  scatter(c.op, t.O, t.e, c.so, t.b, t.head, d, acc_t(1), t.inv);
+  store_lse(c, t);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const WindowGeometry& g, double scale,
                   const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& out, at::Tensor& lse,
                   at::Tensor& probs) {
-  const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
-  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g);
-  const acc_t scale = static_cast<acc_t>(scale_);
-  const Strides sq(q), sk(k), sv(v), so(out), sl(lse.unsqueeze(-1));
-  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  acc_t* lp = lse.mutable_data_ptr<acc_t>();
-  const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* dbp = dense_bias.defined() ? dense_bias.const_data_ptr<acc_t>() : nullptr;
-  acc_t* kept = probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr;
-  const Rows<acc_t> rows;
-  const auto gemm_rows = row_ops().gemm;
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-
-  run_tasks(
-      B * nwin * heads, 4.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(6, std::max(nmax * nmax, transposed_ld(nmax) * d), nmax); },
-      [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode_task(g, heads, nwin, task);
-        const int64_t b = t.b, head = t.head, n = t.e.n;
-        const WindowExtent& e = t.e;
-        acc_t *Q = buf[0], *Kt = buf[1], *V = buf[2], *O = buf[3], *S = buf[4];
-        acc_t* P_kept = kept ? kept + task * nmax * nmax : nullptr;
-        if (kept) std::fill(P_kept + n * n, P_kept + nmax * nmax, acc_t(0));  // a partial window's unused tail
-        acc_t *inv = buf[5], *row_lse = buf[5] + nmax, *row_max = buf[5] + 2 * nmax;  // a slice holds >= 3 nmax
-        // Bias and whole-row softmax of the logits in S, left unnormalised: the 1/sum goes onto
-        // the d outputs of a row instead of its n probabilities.
-        auto softmax = [&](auto&& per_row) {
-          const BiasRuns runs = bias_runs(g, e);
-          for (int64_t i = 0; i < n; ++i) {
-            per_row(i);
-            acc_t* row = S + i * n;
-            add_row_bias(rows, row, i, g, e, runs, head, bp, dbp);
-            const acc_t m = rows.max(row, n);
-            const acc_t sum = rows.exp_sum(row, n, m == -inf ? acc_t(0) : m);  // all -inf: P = 0
-            inv[i] = sum > 0 ? acc_t(1) / sum : acc_t(0);
-            row_max[i] = m;
-            row_lse[i] = sum;  // made the logsumexp below, all rows at once
-            if (kept) rows.scale_copy(P_kept + i * n, row, n, inv[i]);  // normalised, for the backward
-          }
-          rows.log_add(row_lse, row_max, n);
-        };
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (gemm_rows) {
-            // float32 on the kernel's own GEMM: q is read and out written in place through row
-            // pointers. The B operands are copied into contiguous rows, which the GEMM streams
-            // whole-K (gemm_avx512.cpp): K transposed and times the scale, then V.
-            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax;
-            float** orow = buf.out_rows.data();
-            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
-            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
-            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
-            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
-            const int64_t ldk = transposed_ld(n);
-            transpose_rows(Kt, ldk, kr, n, d, qr, scale);
-            gemm_rows(false, n, n, d, InRows{nullptr, 0, qr}, InRows{Kt, ldk}, OutRows{S, n}, 1.f);
-            // V's rows are copied during the softmax, each requested 8 rows ahead, so their misses
-            // overlap the exp. (Asking for out's rows as well measured 1.5% slower: at strides of
-            // a few KiB they share a few L2 sets with the q, k and v rows.)
-            prefetch_rows(vr, 0, std::min<int64_t>(8, n), d);
-            softmax([&](int64_t i) {
-              if (i + 8 < n) prefetch_rows(vr, i + 8, i + 9, d);
-              std::memcpy(V + i * d, vr[i], sizeof(float) * d);
-            });
-            gemm_rows(false, n, d, n, InRows{S, n}, InRows{V, d}, OutRows{nullptr, 0, orow, inv}, 1.f);
-            for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
-            return;
-          }
-        }
-        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
-        gather(O, kp, e, sk, b, head, d);         // K, row-major, in O's buffer until PV
-        transpose(Kt, O, n, d);
-        gather(V, vp, e, sv, b, head, d);
-        mm(n, n, d, Q, d, Kt, n, S, n);  // S = (scale Q) K^T
-        softmax([](int64_t) {});
-        mm(n, d, n, S, n, V, d, O, d);  // O = P V
-        scatter(op, O, e, so, b, head, d, acc_t(1), inv);
-        for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { lp[off] = row_lse[i]; });
-      });
+  const ForwardCall<scalar_t, acc_t> c{{make_call<scalar_t, acc_t>(q, k, v, out, lse, g, scale, bias, dense_bias)},
+                                       out.mutable_data_ptr<scalar_t>(),
+                                       lse.mutable_data_ptr<acc_t>(),
+                                       probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr};
+  run_call<scalar_t>(
+      c, q.size(0), /*products=*/4, /*slices=*/6, [&](auto& buf, int64_t task) { forward_in_place(c, buf, task); },
+      [&](auto& buf, int64_t task) { forward_gathered(c, buf, task); });
 }
 
-// P comes from `probs` (the forward's) when defined: one GEMM and the exp fewer; else it is
-// recomputed from q, k, the bias and lse.
+// What every task of one backward call shares. P comes from `kept` (the forward's) when set: one
+// GEMM and the exp fewer; else it is recomputed from q, k, the bias and lse.
+template <typename scalar_t, typename acc_t>
+struct BackwardCall : Call<scalar_t, acc_t> {
+  TokenStrides sdo, sdq, sdk, sdv;
+  const scalar_t *op, *dop;
+  scalar_t *dqp, *dkp, *dvp;
+  const acc_t* kept;  // the forward's probabilities, or null
+  const acc_t* lp;    // lse, read only when P is recomputed (else null)
+  acc_t* partial;     // one reversed bias-gradient table per task, or null
+};
+
+// One backward task: its window, its slices of the thread's scratch (11 slices) and its row
+// statistics, loaded.
+template <typename acc_t>
+struct BackwardTask : TaskWindow {
+  BiasRuns runs;
+  acc_t *Q, *K, *Kt, *Vt, *dO, *P, *dP, *dQ, *dK, *dV;
+  acc_t *stat, *delta;  // per row: lse (when P is recomputed), rowsum(dO o O); a slice holds >= 2 nmax
+  // The probabilities: the forward's, read where they lie, or recomputed into P. dS then goes
+  // into dP's buffer (kept P is read-only: a second backward may need it) or in place of P.
+  const acc_t* Pr;
+  acc_t* dS;
+
+  template <typename scalar_t>
+  BackwardTask(const BackwardCall<scalar_t, acc_t>& c, const Scratch<acc_t>& buf, int64_t task)
+      : TaskWindow(c.g, c.heads, c.nwin, task),
+        runs(bias_runs(c.g, e)),
+        Q(buf[0]),
+        K(buf[1]),
+        Kt(buf[2]),
+        Vt(buf[3]),
+        dO(buf[4]),
+        P(buf[5]),
+        dP(buf[6]),
+        dQ(buf[7]),
+        dK(buf[8]),
+        dV(buf[9]),
+        stat(buf[10]),
+        delta(buf[10] + c.nmax),
+        Pr(c.kept ? c.kept + task * c.nmax * c.nmax : P),
+        dS(c.kept ? dP : P) {
+    if (c.lp) for_tokens(e, c.sl, b, head, [&](int64_t i, int64_t off) { stat[i] = c.lp[off]; });
+  }
+};
+
+// P = exp(scale Q K^T + bias - lse), unless the forward kept it: logits() writes the logits into
+// P, then the bias and the saved row statistics make them probabilities.
+template <typename scalar_t, typename acc_t, typename Logits>
+void probabilities(const BackwardCall<scalar_t, acc_t>& c, const BackwardTask<acc_t>& t, Logits&& logits) {
+  if (c.kept) return;
+  logits();
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t n = t.n;
+  for (int64_t i = 0; i < n; ++i) {
+    add_row_bias(c.rows, t.P + i * n, i, c.g, t.e, t.runs, t.head, c.bias, c.dense);
+    if (t.stat[i] == -inf) {  // fully masked row: P = 0
+      std::fill(t.P + i * n, t.P + (i + 1) * n, acc_t(0));
+    } else {
+      c.rows.exp(t.P + i * n, n, t.stat[i]);
+    }
+  }
+}
+
+// dS = P o (dP - delta) and this task's own partial bias table.
+template <typename scalar_t, typename acc_t>
+void softmax_grad(const BackwardCall<scalar_t, acc_t>& c, const BackwardTask<acc_t>& t) {
+  const int64_t n = t.n;
+  for (int64_t i = 0; i < n; ++i) {
+    if (c.kept) {
+      c.rows.softmax_grad_dp(t.dP + i * n, t.Pr + i * n, n, t.delta[i]);
+    } else {
+      c.rows.softmax_grad(t.P + i * n, t.dP + i * n, n, t.delta[i]);
+    }
+    if (c.partial) {
+      c.rows.bias_acc(c.partial + t.task * c.table + reversed_bias_start(c.g, t.e, i), t.dS + i * n, t.runs);
+    }
+  }
+}
+
+// out is read and dq, dk, dv are written in place through row pointers. Every B operand is copied
+// into contiguous rows, which the GEMM streams whole-K, so each output row is written once
+// (gemm_avx512.cpp): K^T, V^T, and K, Q and dO as they are (those three 1-5% faster than read in
+// place, k-blocked).
+void backward_in_place(const BackwardCall<float, float>& c, Scratch<float>& buf, int64_t task) {
+  const BackwardTask<float> t(c, buf, task);
+  const int64_t n = t.n, d = c.d, nmax = c.nmax;
+  const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax, **dor = vr + nmax;
+  const float** orow = dor + nmax;
+  float **dqr = buf.out_rows.data(), **dkr = dqr + nmax, **dvr = dkr + nmax;
+  for_tokens(t.e, c.sq, t.b, t.head, [&](int64_t i, int64_t off) { qr[i] = c.qp + off; });
+  for_tokens(t.e, c.sk, t.b, t.head, [&](int64_t i, int64_t off) { kr[i] = c.kp + off; });
+  for_tokens(t.e, c.sv, t.b, t.head, [&](int64_t i, int64_t off) { vr[i] = c.vp + off; });
+  for_tokens(t.e, c.sdo, t.b, t.head, [&](int64_t i, int64_t off) { dor[i] = c.dop + off; });
+  for_tokens(t.e, c.so, t.b, t.head, [&](int64_t i, int64_t off) { orow[i] = c.op + off; });
+  for_tokens(t.e, c.sdq, t.b, t.head, [&](int64_t i, int64_t off) { dqr[i] = c.dqp + off; });
+  for_tokens(t.e, c.sdk, t.b, t.head, [&](int64_t i, int64_t off) { dkr[i] = c.dkp + off; });
+  for_tokens(t.e, c.sdv, t.b, t.head, [&](int64_t i, int64_t off) { dvr[i] = c.dvp + off; });
+  // K^T (times the scale, as in the forward: the same logits to the bit) only for the logits
+  const int64_t ldt = transposed_ld(n);
+  if (!c.kept) transpose_rows(t.Kt, ldt, kr, n, d, qr, c.scale);
+  copy_rows(t.K, kr, n, d);
+  copy_rows(t.Q, qr, n, d);
+  transpose_rows(t.Vt, ldt, vr, n, d, nullptr);
+  prefetch_rows(dor, 0, std::min<int64_t>(8, n), d);
+  prefetch_rows(orow, 0, std::min<int64_t>(8, n), d);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i % 8 == 0) {
+      prefetch_rows(dor, i + 8, std::min<int64_t>(i + 16, n), d);
+      prefetch_rows(orow, i + 8, std::min<int64_t>(i + 16, n), d);
+    }
+    t.delta[i] = c.rows.dot(dor[i], orow[i], d);
+    std::memcpy(t.dO + i * d, dor[i], sizeof(float) * d);
+    // The kept probabilities come from memory: ask for row i now, so that P^T dO, which reads
+    // them a few columns at a time across all rows, finds them in L2.
+    if (c.kept)
+      for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(t.Pr + i * n + j, 0, 2);
+  }
+  probabilities(c, t, [&] { c.gemm(false, n, n, d, InRows{t.Q, d}, InRows{t.Kt, ldt}, OutRows{t.P, n}, 1.f); });
+  c.gemm(true, n, d, n, InRows{t.Pr, n}, InRows{t.dO, d}, OutRows{nullptr, 0, dvr}, 1.f);    // P^T dO
+  c.gemm(false, n, n, d, InRows{t.dO, d}, InRows{t.Vt, ldt}, OutRows{t.dP, n}, 1.f);        // dO V^T
+  softmax_grad(c, t);
+  c.gemm(false, n, d, n, InRows{t.dS, n}, InRows{t.K, d}, OutRows{nullptr, 0, dqr}, c.scale);  // dS K
+  c.gemm(true, n, d, n, InRows{t.dS, n}, InRows{t.Q, d}, OutRows{nullptr, 0, dkr}, c.scale);   // dS^T Q
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_gathered(const BackwardCall<scalar_t, acc_t>& c, Scratch<acc_t>& buf, int64_t task) {
+  const BackwardTask<acc_t> t(c, buf, task);
+  const int64_t n = t.n, d = c.d;
+  gather(t.Q, c.qp, t.e, c.sq, t.b, t.head, d, c.scale);  // Q holds scale * q
+  gather(t.K, c.kp, t.e, c.sk, t.b, t.head, d);
+  if (!c.kept) transpose(t.Kt, t.K, n, d);
+  gather(t.dQ, c.vp, t.e, c.sv, t.b, t.head, d);  // V, row-major, in dQ's buffer for a moment
+  transpose(t.Vt, t.dQ, n, d);
+  gather(t.dO, c.dop, t.e, c.sdo, t.b, t.head, d);
+  // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
+  gather(t.dQ, c.op, t.e, c.so, t.b, t.head, d);
+  for (int64_t i = 0; i < n; ++i) t.delta[i] = c.rows.dot(t.dO + i * d, t.dQ + i * d, d);
+  probabilities(c, t, [&] { mm(n, n, d, t.Q, d, t.Kt, n, t.P, n); });
+  mm(n, d, n, t.Pr, n, t.dO, d, t.dV, d, true);  // dV = P^T dO
+  mm(n, n, d, t.dO, d, t.Vt, n, t.dP, n);        // dP = dO V^T
+  softmax_grad(c, t);
+  mm(n, d, n, t.dS, n, t.K, d, t.dQ, d);        // dQ = dS K, times scale on the way out
+  mm(n, d, n, t.dS, n, t.Q, d, t.dK, d, true);  // dK = dS^T (scale Q)
+  scatter(c.dqp, t.dQ, t.e, c.sdq, t.b, t.head, d, c.scale);
+  scatter(c.dkp, t.dK, t.e, c.sdk, t.b, t.head, d);
+  scatter(c.dvp, t.dV, t.e, c.sdv, t.b, t.head, d);
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& probs, const WindowGeometry& g,
-                   double scale_, const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv, at::Tensor& dbias_partial) {
-  const int64_t B = q.size(0), heads = q.size(4), d = q.size(5);
-  const int64_t nwin = num_windows(g), nmax = max_window_tokens(g), table = bias_table_size(g);
-  const acc_t scale = static_cast<acc_t>(scale_);
-  const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv), sl(lse.unsqueeze(-1));
-  const scalar_t *qp = q.const_data_ptr<scalar_t>(), *kp = k.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
-  const scalar_t *op = out.const_data_ptr<scalar_t>(), *dop = dout.const_data_ptr<scalar_t>();
-  scalar_t *dqp = dq.mutable_data_ptr<scalar_t>(), *dkp = dk.mutable_data_ptr<scalar_t>(), *dvp = dv.mutable_data_ptr<scalar_t>();
+                   double scale, const at::Tensor& bias, const at::Tensor& dense_bias, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv, at::Tensor& dbias_partial) {
   const acc_t* kept = probs.defined() ? probs.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* lp = kept ? nullptr : lse.const_data_ptr<acc_t>();
-  const acc_t* bp = bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* dbp = dense_bias.defined() ? dense_bias.const_data_ptr<acc_t>() : nullptr;
-  acc_t* pp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr;
-  const Rows<acc_t> rows;
-  const auto gemm_rows = row_ops().gemm;
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
-
-  run_tasks(
-      B * nwin * heads, 10.0 * double(B * nwin * heads) * double(nmax * nmax * d),
-      [&] { return Scratch<acc_t>(11, std::max(nmax * nmax, transposed_ld(nmax) * d), nmax); },
-      [&](Scratch<acc_t>& buf, int64_t task) {
-        const Task t = decode_task(g, heads, nwin, task);
-        const int64_t b = t.b, head = t.head, n = t.e.n;
-        const WindowExtent& e = t.e;
-        acc_t *Q = buf[0], *K = buf[1], *Kt = buf[2], *Vt = buf[3], *dO = buf[4], *P = buf[5], *dP = buf[6];
-        acc_t *dQ = buf[7], *dK = buf[8], *dV = buf[9], *stat = buf[10];
-        acc_t* delta = stat + nmax;  // stat holds lse, then delta (a slice holds >= 2 nmax)
-        // P = exp(scale Q K^T + bias - lse) from the logits in P and the saved row statistics.
-        const BiasRuns runs = bias_runs(g, e);
-        auto recompute_p = [&] {
-          for (int64_t i = 0; i < n; ++i) {
-            add_row_bias(rows, P + i * n, i, g, e, runs, head, bp, dbp);
-            if (stat[i] == -inf) {  // fully masked row: P = 0
-              std::fill(P + i * n, P + (i + 1) * n, acc_t(0));
-            } else {
-              rows.exp(P + i * n, n, stat[i]);
-            }
-          }
-        };
-        // The probabilities: the forward's, read where they lie, or recomputed into P. dS then
-        // goes into dP's buffer (kept P is read-only: a second backward may need it) or in place
-        // of P.
-        const acc_t* Pr = kept ? kept + task * nmax * nmax : P;
-        acc_t* dS = kept ? dP : P;
-        auto probabilities = [&](auto&& logits) {
-          if (kept) return;
-          logits();
-          recompute_p();
-        };
-        // dS = P o (dP - delta) and this task's own partial bias table.
-        auto softmax_grad = [&] {
-          for (int64_t i = 0; i < n; ++i) {
-            if (kept) {
-              rows.softmax_grad_dp(dP + i * n, Pr + i * n, n, delta[i]);
-            } else {
-              rows.softmax_grad(P + i * n, dP + i * n, n, delta[i]);
-            }
-            if (pp) rows.bias_acc(pp + task * table + reversed_bias_start(g, e, i), dS + i * n, runs);
-          }
-        };
-        if (lp) for_tokens(e, sl, b, head, [&](int64_t i, int64_t off) { stat[i] = lp[off]; });
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (gemm_rows) {
-            // float32 on the kernel's own GEMM: out is read and dq, dk, dv are written in place through
-            // row pointers. Every B operand is copied into contiguous rows, which the GEMM streams
-            // whole-K, so each output row is written once (gemm_avx512.cpp): K^T, V^T, and K, Q and
-            // dO as they are (those three 1-5% faster than read in place, k-blocked).
-            const float **qr = buf.in_rows.data(), **kr = qr + nmax, **vr = kr + nmax, **dor = vr + nmax;
-            const float** orow = dor + nmax;
-            float **dqr = buf.out_rows.data(), **dkr = dqr + nmax, **dvr = dkr + nmax;
-            for_tokens(e, sq, b, head, [&](int64_t i, int64_t off) { qr[i] = qp + off; });
-            for_tokens(e, sk, b, head, [&](int64_t i, int64_t off) { kr[i] = kp + off; });
-            for_tokens(e, sv, b, head, [&](int64_t i, int64_t off) { vr[i] = vp + off; });
-            for_tokens(e, sdo, b, head, [&](int64_t i, int64_t off) { dor[i] = dop + off; });
-            for_tokens(e, so, b, head, [&](int64_t i, int64_t off) { orow[i] = op + off; });
-            for_tokens(e, sdq, b, head, [&](int64_t i, int64_t off) { dqr[i] = dqp + off; });
-            for_tokens(e, sdk, b, head, [&](int64_t i, int64_t off) { dkr[i] = dkp + off; });
-            for_tokens(e, sdv, b, head, [&](int64_t i, int64_t off) { dvr[i] = dvp + off; });
-            // K^T (times the scale, as in the forward: the same logits to the bit) only for the logits
-            const int64_t ldt = transposed_ld(n);
-            if (!kept) transpose_rows(Kt, ldt, kr, n, d, qr, scale);
-            copy_rows(K, kr, n, d);
-            copy_rows(Q, qr, n, d);
-            transpose_rows(Vt, ldt, vr, n, d, nullptr);
-            prefetch_rows(dor, 0, std::min<int64_t>(8, n), d);
-            prefetch_rows(orow, 0, std::min<int64_t>(8, n), d);
-            for (int64_t i = 0; i < n; ++i) {
-              if (i % 8 == 0) {
-                prefetch_rows(dor, i + 8, std::min<int64_t>(i + 16, n), d);
-                prefetch_rows(orow, i + 8, std::min<int64_t>(i + 16, n), d);
-              }
-              delta[i] = rows.dot(dor[i], orow[i], d);
-              std::memcpy(dO + i * d, dor[i], sizeof(float) * d);
-              // The kept probabilities come from memory: ask for row i now, so that P^T dO, which
-              // reads them a few columns at a time across all rows, finds them in L2.
-              if (kept)
-                for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(Pr + i * n + j, 0, 2);
-            }
-            probabilities([&] { gemm_rows(false, n, n, d, InRows{Q, d}, InRows{Kt, ldt}, OutRows{P, n}, 1.f); });
-            gemm_rows(true, n, d, n, InRows{Pr, n}, InRows{dO, d}, OutRows{nullptr, 0, dvr}, 1.f);       // P^T dO
-            gemm_rows(false, n, n, d, InRows{dO, d}, InRows{Vt, ldt}, OutRows{dP, n}, 1.f);             // dO V^T
-            softmax_grad();
-            gemm_rows(false, n, d, n, InRows{dS, n}, InRows{K, d}, OutRows{nullptr, 0, dqr}, scale);     // dS K
-            gemm_rows(true, n, d, n, InRows{dS, n}, InRows{Q, d}, OutRows{nullptr, 0, dkr}, scale);      // dS^T Q
-            return;
-          }
-        }
-        gather(Q, qp, e, sq, b, head, d, scale);  // Q holds scale * q
-        gather(K, kp, e, sk, b, head, d);
-        if (!kept) transpose(Kt, K, n, d);
-        gather(dQ, vp, e, sv, b, head, d);  // V, row-major, in dQ's buffer for a moment
-        transpose(Vt, dQ, n, d);
-        gather(dO, dop, e, sdo, b, head, d);
-        // delta_i = <dO_i, O_i>, with O as the forward wrote it; dQ's buffer holds O meanwhile.
-        gather(dQ, op, e, so, b, head, d);
-        for (int64_t i = 0; i < n; ++i) delta[i] = rows.dot(dO + i * d, dQ + i * d, d);
-        probabilities([&] { mm(n, n, d, Q, d, Kt, n, P, n); });
-        mm(n, d, n, Pr, n, dO, d, dV, d, true);  // dV = P^T dO
-        mm(n, n, d, dO, d, Vt, n, dP, n);        // dP = dO V^T
-        softmax_grad();
-        mm(n, d, n, dS, n, K, d, dQ, d);        // dQ = dS K, times scale on the way out
-        mm(n, d, n, dS, n, Q, d, dK, d, true);  // dK = dS^T (scale Q)
-        scatter(dqp, dQ, e, sdq, b, head, d, scale);
-        scatter(dkp, dK, e, sdk, b, head, d);
-        scatter(dvp, dV, e, sdv, b, head, d);
-      });
+  const BackwardCall<scalar_t, acc_t> c{{make_call<scalar_t, acc_t>(q, k, v, out, lse, g, scale, bias, dense_bias)},
+                                        strides(dout),
+                                        strides(dq),
+                                        strides(dk),
+                                        strides(dv),
+                                        out.const_data_ptr<scalar_t>(),
+                                        dout.const_data_ptr<scalar_t>(),
+                                        dq.mutable_data_ptr<scalar_t>(),
+                                        dk.mutable_data_ptr<scalar_t>(),
+                                        dv.mutable_data_ptr<scalar_t>(),
+                                        kept,
+                                        kept ? nullptr : lse.const_data_ptr<acc_t>(),
+                                        dbias_partial.defined() ? dbias_partial.mutable_data_ptr<acc_t>() : nullptr};
+  run_call<scalar_t>(
+      c, q.size(0), /*products=*/10, /*slices=*/11, [&](auto& buf, int64_t task) { backward_in_place(c, buf, task); },
+      [&](auto& buf, int64_t task) { backward_gathered(c, buf, task); });
 }
 
 WindowGeometry geometry(const at::Tensor& q, at::IntArrayRef window) {
@@ -508,7 +644,7 @@ WindowGeometry geometry(const at::Tensor& q, at::IntArrayRef window) {
 at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The bias table in the accumulation type, each head's entries in reverse flat order (a few KiB;
-// not a partitioned copy): then a row's bias runs are contiguous ascending slices (rows.h).
+// not a partitioned copy): then a row's bias runs are contiguous ascending slices (isa.h).
 at::Tensor reversed_bias_table(const std::optional<at::Tensor>& bias, at::ScalarType acc) {
   return bias.has_value() ? bias->to(acc).flip({1, 2, 3}).contiguous() : at::Tensor();
 }
@@ -540,11 +676,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, 
   const at::ScalarType acc = acc_type(q);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
+  at::Tensor probs = at::empty(keep_probs ? probs_shape(q, window) : std::vector<int64_t>{0}, q.options().dtype(acc));
   const WindowGeometry g = geometry(q, window);
-  const int64_t nmax = max_window_tokens(g);
-  at::Tensor probs = keep_probs ? at::empty({q.size(0), num_windows(g), q.size(4), nmax * nmax}, q.options().dtype(acc))
-                                : at::empty({0}, q.options().dtype(acc));
-  if (q.numel() == 0) return {out, lse, probs};
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const at::Tensor dense = dense_bias(bias, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "walt::window_attention", [&] {
@@ -566,9 +699,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
-  if (q.numel() == 0) {
-    return {dq, dk, dv, want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
-  }
   const WindowGeometry g = geometry(q, window);
   const at::Tensor bias = reversed_bias_table(rel_pos_bias, acc);
   const at::Tensor dense = probs.defined() ? at::Tensor() : dense_bias(bias, g);  // only to recompute P

@@ -8,7 +8,7 @@
 // of 16, then blocks of rows; a last panel narrower than 16 columns uses masked loads and stores.
 #include <cstdint>
 
-#include "rows.h"
+#include "isa.h"
 #include "simd.h"
 
 #if defined(__x86_64__)

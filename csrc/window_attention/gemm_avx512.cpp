@@ -2,7 +2,7 @@
 //
 // C (m x N) = alpha op(A) B (K x N) (times an optional per-row scale), beta = 0. Every matrix is
 // row-major; a row of A or C is either base + r * ld or, for window tokens read and written in
-// place in the float32 tensors, an explicit pointer (see InRows/OutRows in rows.h); B is
+// place in the float32 tensors, an explicit pointer (see InRows/OutRows in isa.h); B is
 // contiguous (base form). op(A) = A (m x K) or, with trans_a, A^T for A stored K x m (the
 // backward's P^T dO and dS^T Q, which then need no transposed copies).
 //
@@ -16,7 +16,7 @@
 // per-call packing of both operands and its separate pass over C for beta = 0.
 #include <cstdint>
 
-#include "rows.h"
+#include "isa.h"
 #include "simd.h"
 
 #if defined(__x86_64__)

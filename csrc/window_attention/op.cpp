@@ -1,120 +1,29 @@
-// Schemas of the window-attention ops and their CPU registration, with the argument checks:
-// each user mistake ends in one sentence naming the argument and what was expected.
+// Schemas of the window-attention ops and their CPU registration: the shared argument checks
+// (checks.h), then the CPU kernels (cpu.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-
 #include "checks.h"
-#include "kernel.h"
-#include "walt/window_geometry.h"
+#include "cpu.h"
 
 namespace walt::attn {
 namespace {
 
-constexpr int64_t kMaxWindowTokens = 2048;
-// Window entries beyond the grid are clamped, so any size is meaningful; this bound keeps the bias
-// table's 2w-1 and the token counts far from int64 overflow.
-constexpr int64_t kMaxWindowEntry = 2147483647;
-
-void check_like_q(const at::Tensor& q, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 6 && x.sizes() == q.sizes(), "window_attention: ", name, " must have q's shape ", q.sizes(),
-              ", got ", x.sizes(), ".");
-  TORCH_CHECK(x.scalar_type() == q.scalar_type(), "window_attention: ", name, " must have q's dtype ",
-              q.scalar_type(), ", got ", x.scalar_type(), ".");
-  TORCH_CHECK(x.device() == q.device(), "window_attention: ", name, " must be on q's device ", q.device(), ", got ",
-              x.device(), ".");
-  // An empty tensor has no elements to read: any strides (e.g. the 0 of an expanded gradient) will do.
-  TORCH_CHECK(x.stride(5) == 1 || x.size(5) == 1 || x.numel() == 0, "window_attention: ", name,
-              " must have unit stride on its last dimension (d), got stride ", x.stride(5), ".");
-}
-
-}  // namespace
-
-void check_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef window,
-                        double scale, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.dim() == 6, "window_attention: q must be a 6-D tensor (B, T, H, W, heads, d), got ", q.dim(),
-              " dimensions.");
-  const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kDouble || dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "window_attention: q must be float64, float32, bfloat16 or float16, got ", dt, ".");
-  TORCH_CHECK(q.size(5) >= 1, "window_attention: the head size d (q's last dimension) must be at least 1, got 0.");
-  check_like_q(q, q, "q");
-  check_like_q(q, k, "k");
-  check_like_q(q, v, "v");
-  TORCH_CHECK(window.size() == 3, "window_attention: window must have 3 entries (wt, wh, ww), got ", window.size(),
-              ".");
-  TORCH_CHECK(window[0] >= 1 && window[1] >= 1 && window[2] >= 1,
-              "window_attention: every window entry must be at least 1, got ", window, ".");
-  TORCH_CHECK(window[0] <= kMaxWindowEntry && window[1] <= kMaxWindowEntry && window[2] <= kMaxWindowEntry,
-              "window_attention: every window entry must be at most ", kMaxWindowEntry, " (2**31 - 1), got ", window,
-              ".");
-  TORCH_CHECK(std::isfinite(scale), "window_attention: scale must be a finite number, got ", scale, ".");
-  // The kernel holds a window's whole n x n logit block per thread (a dozen such buffers in the
-  // backward); beyond this it would need gigabytes, so say so instead of failing to allocate.
-  const int64_t tokens = std::min(window[0], q.size(1)) * std::min(window[1], q.size(2)) * std::min(window[2], q.size(3));
-  TORCH_CHECK(tokens <= kMaxWindowTokens, "window_attention: a window may hold at most ", kMaxWindowTokens,
-              " tokens on CPU, got ", tokens, " (window ", window, " on a ", q.sizes().slice(1, 3), " grid).");
-  if (bias.has_value()) {
-    const std::vector<int64_t> want{q.size(4), 2 * window[0] - 1, 2 * window[1] - 1, 2 * window[2] - 1};
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef(want), "window_attention: rel_pos_bias must have shape ",
-                at::IntArrayRef(want), " (heads, 2*wt-1, 2*wh-1, 2*ww-1 for the requested window), got ",
-                bias->sizes(), ".");
-    TORCH_CHECK(bias->scalar_type() == dt || bias->scalar_type() == at::kFloat,
-                "window_attention: rel_pos_bias must have q's dtype or float32, got ", bias->scalar_type(), ".");
-    TORCH_CHECK(bias->device() == q.device(), "window_attention: rel_pos_bias must be on q's device ", q.device(),
-                ", got ", bias->device(), ".");
-  }
-}
-
-void check_backward_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& out, const at::Tensor& lse, at::IntArrayRef window, double scale,
-                         const std::optional<at::Tensor>& rel_pos_bias) {
+// Both forwards: the shared checks, the empty answer to inputs without elements, then the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_forward(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, at::IntArrayRef window,
+                                                               double scale,
+                                                               const std::optional<at::Tensor>& rel_pos_bias,
+                                                               bool keep_probs) {
   check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  check_like_q(q, grad_out, "grad_out");
-  check_like_q(q, out, "out");
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 5), "window_attention: lse must have shape ", q.sizes().slice(0, 5),
-              " (B, T, H, W, heads), got ", lse.sizes(), ".");
-  TORCH_CHECK(lse.scalar_type() == acc, "window_attention: lse must be ", acc, " for ", q.scalar_type(),
-              " inputs, got ", lse.scalar_type(), ".");
-  TORCH_CHECK(lse.device() == q.device(), "window_attention: lse must be on q's device ", q.device(), ", got ",
-              lse.device(), ".");
+  if (q.numel() == 0) return empty_forward(q, window, keep_probs);
+  return forward_cpu(q, k, v, window, scale, rel_pos_bias, keep_probs);
 }
-
-std::vector<int64_t> probs_shape(const at::Tensor& q, at::IntArrayRef window) {
-  if (q.size(1) == 0 || q.size(2) == 0 || q.size(3) == 0) return {q.size(0), 0, q.size(4), 0};  // no windows
-  const WindowGeometry g = make_window_geometry(q.size(1), q.size(2), q.size(3), window[0], window[1], window[2]);
-  const int64_t nmax = max_window_tokens(g);
-  return {q.size(0), num_windows(g), q.size(4), nmax * nmax};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward(const at::Tensor& q, at::IntArrayRef window,
-                                                             bool keep_probs) {
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {at::empty(q.sizes(), q.options()), at::empty(q.sizes().slice(0, 5), q.options().dtype(acc)),
-          keep_probs ? at::empty(probs_shape(q, window), q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc))};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_backward(
-    const at::Tensor& q, const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
-  const bool want_dbias = bias_requires_grad && rel_pos_bias.has_value();
-  return {at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()), at::empty(q.sizes(), q.options()),
-          want_dbias ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options())};
-}
-
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            at::IntArrayRef window, double scale,
                                            const std::optional<at::Tensor>& rel_pos_bias) {
-  check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  if (q.numel() == 0) {
-    auto [out, lse, probs] = empty_forward(q, window, /*keep_probs=*/false);
-    return {out, lse};
-  }
-  auto [out, lse, probs] = forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
+  auto [out, lse, probs] = checked_forward(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/false);
   return {out, lse};
 }
 
@@ -122,33 +31,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_keep_probs(const at::Tens
                                                                   const at::Tensor& v, at::IntArrayRef window,
                                                                   double scale,
                                                                   const std::optional<at::Tensor>& rel_pos_bias) {
-  check_forward_args(q, k, v, window, scale, rel_pos_bias);
-  if (q.numel() == 0) return empty_forward(q, window, /*keep_probs=*/true);
-  return forward_cpu(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
+  return checked_forward(q, k, v, window, scale, rel_pos_bias, /*keep_probs=*/true);
+}
+
+// Both backwards, likewise; `probs` is undefined when the backward recomputes them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> checked_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
+    const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
+  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
+  if (probs.defined()) check_kept_probs(probs, q, lse, window);
+  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
+  return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef window, double scale, const std::optional<at::Tensor>& rel_pos_bias,
     bool bias_requires_grad) {
-  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
-  return backward_cpu(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
+  return checked_backward(grad_out, q, k, v, out, lse, at::Tensor(), window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_kept_probs(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& probs, at::IntArrayRef window, double scale,
     const std::optional<at::Tensor>& rel_pos_bias, bool bias_requires_grad) {
-  check_backward_args(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias);
-  const std::vector<int64_t> want = probs_shape(q, window);
-  TORCH_CHECK(probs.sizes() == at::IntArrayRef(want) && probs.scalar_type() == lse.scalar_type() &&
-                  probs.device() == q.device() && probs.is_contiguous(),
-              "window_attention: probs must be the contiguous ", lse.scalar_type(), " tensor of shape ",
-              at::IntArrayRef(want), " that window_attention_keep_probs returned for these inputs, got ",
-              probs.scalar_type(), " of shape ", probs.sizes(), ".");
-  if (q.numel() == 0) return empty_backward(q, rel_pos_bias, bias_requires_grad);
-  return backward_cpu(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
+  return checked_backward(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad);
 }
 
 }  // namespace

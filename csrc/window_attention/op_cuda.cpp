@@ -35,9 +35,7 @@ at::Tensor rows_16b_aligned(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-cuda::Strides5 strides5(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
-}
+TokenStrides strides(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)}; }
 
 // float16/bfloat16 take the tensor-core kernels; float32/float64 the composite (see the top).
 bool on_tensor_cores(const at::Tensor& q) {
@@ -56,9 +54,9 @@ cuda::ForwardParams forward_params(const at::Tensor& q, const at::Tensor& k, con
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
-  p.sq = strides5(q);
-  p.sk = strides5(k);
-  p.sv = strides5(v);
+  p.sq = strides(q);
+  p.sk = strides(k);
+  p.sv = strides(v);
   p.out = nullptr;
   p.lse = nullptr;
   p.bias = bias_f32 ? bias_f32->const_data_ptr<float>() : nullptr;
@@ -91,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   const auto bias = bias_as_f32(rel_pos_bias);
   cuda::ForwardParams p = forward_params(q, k, v, bias, window, scale);
   p.out = out.mutable_data_ptr();
-  p.so = strides5(out);
+  p.so = strides(out);
   p.lse = lse.mutable_data_ptr<float>();
   C10_CUDA_CHECK(cuda::launch_forward(p, c10::cuda::getCurrentCUDAStream()));
   return {out, lse};
@@ -120,14 +118,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   bp.fwd = forward_params(q, k, v, bias, window, scale);
   bp.fwd.lse = lse.mutable_data_ptr<float>();  // read only: the kernel loads lse, never stores it
   bp.grad_out = grad_out.const_data_ptr();
-  bp.sdo = strides5(grad_out);
+  bp.sdo = strides(grad_out);
   bp.delta = delta.const_data_ptr<float>();
   bp.dq = dq.mutable_data_ptr();
   bp.dk = dk.mutable_data_ptr();
   bp.dv = dv.mutable_data_ptr();
-  bp.sdq = strides5(dq);
-  bp.sdk = strides5(dk);
-  bp.sdv = strides5(dv);
+  bp.sdq = strides(dq);
+  bp.sdk = strides(dk);
+  bp.sdv = strides(dv);
   const int64_t tasks = q.size(0) * num_windows(bp.fwd.geo) * q.size(4);
   at::Tensor dq_accum = at::empty({tasks * max_window_tokens(bp.fwd.geo) * q.size(5)}, q.options().dtype(at::kFloat));
   bp.dq_accum = dq_accum.mutable_data_ptr<float>();

@@ -1,6 +1,6 @@
 // The target attributes and tail-lane masks shared by the kernel's AVX-512 and AVX2 loops
-// (rows.cpp, gemm_avx512.cpp, gemm_avx2.cpp). The build is portable (no -march=native): these
-// functions are compiled for their ISA and called only after the run-time CPU check (rows.cpp).
+// (isa.cpp, gemm_avx512.cpp, gemm_avx2.cpp). The build is portable (no -march=native): these
+// functions are compiled for their ISA and called only after the run-time CPU check (isa.cpp).
 #pragma once
 
 #if defined(__x86_64__)

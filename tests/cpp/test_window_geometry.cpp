@@ -1,5 +1,7 @@
 // Window geometry: every token belongs to exactly one window, edge windows have the right
-// partial extents, local <-> global coordinates round-trip, and bias indices stay in the table.
+// partial extents, local <-> global coordinates round-trip, token offsets and bias indices are
+// the documented formulas in 64-bit and in the CUDA kernels' 32-bit form, and every task is
+// decoded once.
 #include "walt/window_geometry.h"
 
 #include <vector>
@@ -34,6 +36,16 @@ static void check_grid(int64_t T, int64_t H, int64_t W, int64_t rt, int64_t rh, 
       WALT_CHECK((l.t * e.eh + l.h) * e.ew + l.w == i);  // t-major, w-minor numbering
       const Coord3 p = walt::global_coords(e, l);
       WALT_CHECK(p.t < T && p.h < H && p.w < W);
+      // The 32-bit form the CUDA kernels use gives the same coordinates, offsets and bias positions.
+      const walt::Coord3T<int> l32 = walt::local_coords(e, static_cast<int>(i));
+      WALT_CHECK(l32.t == l.t && l32.h == l.h && l32.w == l.w);
+      const walt::TokenStrides s{1000003, 7919, 613, 37, 5};
+      const int64_t offset = 3 * s.b + p.t * s.t + p.h * s.h + p.w * s.w;
+      WALT_CHECK(walt::token_offset(e, l, s, 3) == offset &&
+                 walt::token_offset(e, static_cast<int>(i), s, 3) == offset);
+      const int64_t index = ((2 * T + p.t) * H + p.h) * W + p.w;
+      WALT_CHECK(walt::token_index(g, e, i, 2) == index && walt::token_index(g, e, static_cast<int>(i), 2) == index);
+      WALT_CHECK(walt::bias_pos(g, e, static_cast<int>(i)) == walt::bias_pos(g, l));
       seen[static_cast<size_t>((p.t * H + p.h) * W + p.w)] += 1;
       for (int64_t j = 0; j < e.n; ++j) {
         const Coord3 m = walt::local_coords(e, j);
@@ -41,12 +53,24 @@ static void check_grid(int64_t T, int64_t H, int64_t W, int64_t rt, int64_t rh, 
         WALT_CHECK(b >= 0 && b < table);
         // The diagonal (same token) is the table's centre; consecutive w steps down by one.
         if (i == j) WALT_CHECK(b == ((rt - 1) * (2 * rh - 1) + rh - 1) * (2 * rw - 1) + rw - 1);
+        WALT_CHECK(b == ((l.t - m.t + rt - 1) * (2 * rh - 1) + l.h - m.h + rh - 1) * (2 * rw - 1) + l.w - m.w + rw - 1);
         if (m.w + 1 < e.ew) WALT_CHECK(walt::bias_index(g, l, Coord3{m.t, m.h, m.w + 1}) == b - 1);
       }
     }
   }
   WALT_CHECK(total == T * H * W);
   for (int c : seen) WALT_CHECK(c == 1);  // every token in exactly one window
+  WALT_CHECK(walt::bias_center(g) == walt::bias_pos(g, Coord3{rt - 1, rh - 1, rw - 1}));
+  WALT_CHECK(walt::bias_pos(g, Coord3{1, 0, 0}) == (2 * rh - 1) * (2 * rw - 1));  // the table's strides
+  WALT_CHECK(walt::bias_pos(g, Coord3{0, 1, 0}) == 2 * rw - 1);
+
+  // Tasks: the head fastest, then the window, then the batch element; every task once.
+  const int64_t batch = 2, heads = 3, windows = walt::num_windows(g);
+  for (int64_t task = 0; task < batch * windows * heads; ++task) {
+    const walt::WindowTask t = walt::decode_task(task, heads, windows);
+    WALT_CHECK(t.b < batch && t.win < windows && t.head < heads);
+    WALT_CHECK((t.b * windows + t.win) * heads + t.head == task);
+  }
 }
 
 int main() {

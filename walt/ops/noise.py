@@ -35,10 +35,9 @@ caps the choice (for comparisons and debugging).
 """
 import torch
 
-__all__ = ["add_noise"]
+from walt.ops._fake import check_devices
 
-_X0_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_TARGETS = ("v", "eps", "x0")
+__all__ = ["add_noise"]
 
 
 def add_noise(x0, t, alphas_cumprod, *, seed=0, keys=None, noise=None, target="v"):
@@ -49,55 +48,25 @@ def add_noise(x0, t, alphas_cumprod, *, seed=0, keys=None, noise=None, target="v
     per-sample noise keys (default arange(B)). noise: optional explicit eps shaped and typed like x0
     (seed and keys are then unused). target: 'v', 'eps' or 'x0'.
     Differentiable with respect to x0 and an explicit noise tensor.
+
+    The op checks the tensors and the target itself (csrc/noise/checks.cpp), one sentence per
+    mistake; here only what it cannot: the arguments' Python types, the seed's range (the op takes
+    an int64) and a schedule that requires grad (no gradient flows to it).
     """
-    if not isinstance(x0, torch.Tensor):
-        raise TypeError(f"add_noise: x0 must be a torch.Tensor, got {type(x0).__name__}")
-    if x0.dtype not in _X0_DTYPES:
-        raise TypeError(f"add_noise: x0 must be float64, float32, bfloat16 or float16, got {x0.dtype}")
-    if x0.dim() < 1:
-        raise ValueError("add_noise: x0 must have a leading batch dimension (B, ...), got a 0-d tensor")
-    B = x0.shape[0]
-    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"add_noise: t must be an integer tensor of timestep indices, got {_describe(t)}")
-    if t.shape != (B,):
-        raise ValueError(f"add_noise: t must have shape (B,) = ({B},), one timestep per sample, got {tuple(t.shape)}")
-    if not isinstance(alphas_cumprod, torch.Tensor) or not alphas_cumprod.dtype.is_floating_point:
-        raise TypeError(f"add_noise: alphas_cumprod must be a floating-point tensor, got {_describe(alphas_cumprod)}")
-    if alphas_cumprod.dim() != 1 or alphas_cumprod.shape[0] == 0:
-        raise ValueError(
-            f"add_noise: alphas_cumprod must be a non-empty 1-D table, got shape {tuple(alphas_cumprod.shape)}"
-        )
-    if alphas_cumprod.requires_grad:
-        raise ValueError("add_noise: alphas_cumprod must not require grad; no gradient flows to the schedule")
-    if target not in _TARGETS:
-        raise ValueError(f"add_noise: target must be 'v', 'eps' or 'x0', got {target!r}")
+    for name, x, optional in (("x0", x0, False), ("t", t, False), ("alphas_cumprod", alphas_cumprod, False),
+                              ("keys", keys, True), ("noise", noise, True)):
+        if not (isinstance(x, torch.Tensor) or (optional and x is None)):
+            kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"add_noise: {name} must be {kind}, got {type(x).__name__}.")
+    if not isinstance(target, str):
+        raise TypeError(f"add_noise: target must be 'v', 'eps' or 'x0', got {type(target).__name__}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"add_noise: seed must be an int in [0, 2**64), got {seed!r}")
-    if keys is not None:
-        if not isinstance(keys, torch.Tensor) or keys.dtype.is_floating_point or keys.dtype.is_complex:
-            raise TypeError(f"add_noise: keys must be an integer tensor, got {_describe(keys)}")
-        if keys.shape != (B,):
-            raise ValueError(
-                f"add_noise: keys must have shape (B,) = ({B},), one key per sample, got {tuple(keys.shape)}"
-            )
-        keys = keys.to(torch.int64)
-    if noise is not None:
-        if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"add_noise: noise must be a torch.Tensor, got {type(noise).__name__}")
-        if noise.shape != x0.shape:
-            raise ValueError(f"add_noise: noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
-        if noise.dtype != x0.dtype:
-            raise TypeError(f"add_noise: noise must have x0's dtype {x0.dtype}, got {noise.dtype}")
-    for name, other in (("t", t), ("alphas_cumprod", alphas_cumprod), ("keys", keys), ("noise", noise)):
-        if other is not None and other.device != x0.device:
-            raise ValueError(f"add_noise: {name} must be on x0's device {x0.device}, got {other.device}")
+        raise ValueError(f"add_noise: seed must be an int in [0, 2**64), got {seed!r}.")
+    if alphas_cumprod.requires_grad:
+        raise ValueError("add_noise: alphas_cumprod must not require grad; no gradient flows to the schedule.")
     # The op's int is a signed int64; seeds >= 2**63 travel as their two's complement.
     seed64 = seed - 2**64 if seed >= 2**63 else seed
     return torch.ops.walt.add_noise(x0, t, alphas_cumprod, seed64, keys, noise, target)
-
-
-def _describe(x):
-    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def coefficients(alphas_cumprod, t, ndim=1, dtype=None):
@@ -115,6 +84,7 @@ def coefficients(alphas_cumprod, t, ndim=1, dtype=None):
 
 @torch.library.register_fake("walt::add_noise")
 def _(x0, t, alphas_cumprod, seed, keys, noise, target):
+    check_devices("add_noise", "x0", x0, t=t, alphas_cumprod=alphas_cumprod, keys=keys, noise=noise)
     return x0.new_empty(x0.shape), x0.new_empty(x0.shape)
 
 

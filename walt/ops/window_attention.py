@@ -9,11 +9,16 @@ import os
 
 import torch
 
+from walt import _C
+from walt.ops._fake import check_devices
+
 __all__ = ["window_attention"]
 
-_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# The CPU kernel keeps a window's whole n x n logit block per thread (csrc/window_attention/op.cpp).
-MAX_WINDOW_TOKENS = 2048
+# The op's limits, as its own checks apply them (csrc/window_attention/checks.h): the largest window
+# entry, and the most tokens a window may hold on each device type ({"cpu": ..., "cuda": ...}).
+_LIMITS = _C.limits()["window_attention"]
+MAX_WINDOW_ENTRY = _LIMITS["max_window_entry"]
+MAX_WINDOW_TOKENS = _LIMITS["max_window_tokens"]
 
 
 def _keep_probs_budget(value):
@@ -36,7 +41,8 @@ def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
     """Attention within non-overlapping 3D windows.
 
     q, k, v: (B, T, H, W, heads, d), same shape, dtype and device, unit stride on d.
-    window: (wt, wh, ww), each >= 1; clamped to (T, H, W); partial windows at the far edge attend
+    window: (wt, wh, ww), each in [1, MAX_WINDOW_ENTRY]; clamped to (T, H, W), after which a window
+    may hold at most MAX_WINDOW_TOKENS[device type] tokens; partial windows at the far edge attend
     among their valid tokens only. scale: logit scale, default d**-0.5. rel_pos_bias: optional
     table (heads, 2wt-1, 2wh-1, 2ww-1) for the requested window, q's dtype or float32; it gets a
     gradient when it requires one. Returns a contiguous tensor shaped like q.
@@ -53,15 +59,25 @@ def window_attention(q, k, v, window, *, scale=None, rel_pos_bias=None):
     (B * windows * heads * n^2 floats, about n / d times the size of q) if they fit in
     KEEP_PROBS_MAX_BYTES, and the backward then skips recomputing them: one GEMM of its five. On a
     CPU that GEMM costs more than the memory; GPUs recompute.
+
+    The op checks its tensors and the window itself (csrc/window_attention/checks.cpp): each
+    mistake is one sentence, a ValueError or a TypeError, whether it comes through here or
+    through torch.ops.walt directly.
     """
     window = _check(q, k, v, window, scale, rel_pos_bias)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = _default_scale(q)
     if _keep_probs(q, k, v, window, rel_pos_bias):
         out, _, _ = torch.ops.walt.window_attention_keep_probs(q, k, v, window, float(scale), rel_pos_bias)
     else:
         out, _ = torch.ops.walt.window_attention(q, k, v, window, float(scale), rel_pos_bias)
     return out
+
+
+def _default_scale(q):
+    """d**-0.5; a q the op refuses (not 6-D, or d = 0) gets 1.0, then the op's own error."""
+    d = q.shape[-1] if q.dim() == 6 else 0
+    return d**-0.5 if d > 0 else 1.0
 
 
 def _windows_and_tokens(shape, window):
@@ -75,7 +91,7 @@ def _windows_and_tokens(shape, window):
 
 
 def _keep_probs(q, k, v, window, rel_pos_bias):
-    if q.device.type != "cpu" or not torch.is_grad_enabled():
+    if q.device.type != "cpu" or q.dim() != 6 or not torch.is_grad_enabled():
         return False
     leaves = (q, k, v) if rel_pos_bias is None else (q, k, v, rel_pos_bias)
     if not any(x.requires_grad for x in leaves):
@@ -86,59 +102,22 @@ def _keep_probs(q, k, v, window, rel_pos_bias):
 
 
 def _check(q, k, v, window, scale, rel_pos_bias):
+    """What the op cannot check itself: the arguments' Python types, and window as ints. The op
+    checks everything about the tensors and the window's entries (csrc/window_attention/checks.cpp),
+    one sentence per mistake."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"window_attention: {name} must be a torch.Tensor, got {type(x).__name__}.")
-    if q.dim() != 6:
-        raise ValueError(f"window_attention: q must be a 6-D tensor (B, T, H, W, heads, d), got {q.dim()} dimensions.")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"window_attention: q must be float64, float32, bfloat16 or float16, got {q.dtype}.")
-    if q.shape[-1] < 1:
-        raise ValueError("window_attention: the head size d (q's last dimension) must be at least 1, got 0.")
-    for name, x in (("k", k), ("v", v)):
-        if x.shape != q.shape:
-            raise ValueError(f"window_attention: {name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}.")
-        if x.dtype != q.dtype:
-            raise TypeError(f"window_attention: {name} must have q's dtype {q.dtype}, got {x.dtype}.")
-        if x.device != q.device:
-            raise ValueError(f"window_attention: {name} must be on q's device {q.device}, got {x.device}.")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.stride(-1) != 1 and x.shape[-1] != 1:
-            raise ValueError(
-                f"window_attention: {name} must have unit stride on its last dimension (d), got stride {x.stride(-1)}."
-            )
-    window = _window_entries(window)
-    _, tokens = _windows_and_tokens(q.shape, window)
-    if tokens > MAX_WINDOW_TOKENS:
-        raise ValueError(
-            f"window_attention: a window may hold at most {MAX_WINDOW_TOKENS} tokens on CPU, got {tokens} "
-            f"(window {tuple(window)} on a {tuple(q.shape[1:4])} grid)."
-        )
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"window_attention: scale must be a number or None, got {type(scale).__name__}.")
-    if rel_pos_bias is not None:
-        want = (q.shape[4], 2 * window[0] - 1, 2 * window[1] - 1, 2 * window[2] - 1)
-        if not isinstance(rel_pos_bias, torch.Tensor):
-            raise TypeError(f"window_attention: rel_pos_bias must be a torch.Tensor or None, got {type(rel_pos_bias).__name__}.")
-        if tuple(rel_pos_bias.shape) != want:
-            raise ValueError(
-                f"window_attention: rel_pos_bias must have shape {want} (heads, 2*wt-1, 2*wh-1, 2*ww-1 for the "
-                f"requested window), got {tuple(rel_pos_bias.shape)}."
-            )
-        if rel_pos_bias.dtype not in (q.dtype, torch.float32):
-            raise TypeError(f"window_attention: rel_pos_bias must have q's dtype or float32, got {rel_pos_bias.dtype}.")
-        if rel_pos_bias.device != q.device:
-            raise ValueError(f"window_attention: rel_pos_bias must be on q's device {q.device}, got {rel_pos_bias.device}.")
-    return window
-
-
-# Window entries beyond the grid are clamped, so any size is meaningful; the op bounds them so that
-# the bias table's 2w-1 and the token counts stay far from int64 overflow.
-MAX_WINDOW_ENTRY = 2**31 - 1
+    if rel_pos_bias is not None and not isinstance(rel_pos_bias, torch.Tensor):
+        raise TypeError(f"window_attention: rel_pos_bias must be a torch.Tensor or None, got {type(rel_pos_bias).__name__}.")
+    return _window_entries(window)
 
 
 def _window_entries(window):
-    """window as a list of 3 ints in [1, MAX_WINDOW_ENTRY]; floats and bools are refused, not truncated."""
+    """window as a list of ints; floats and bools are refused, not truncated. The op takes int64
+    entries, so entries beyond int64 are refused here; it checks the rest."""
     try:
         entries = list(window)
     except TypeError:
@@ -146,14 +125,8 @@ def _window_entries(window):
     if entries is None or not all(_is_integer(w) for w in entries):
         raise TypeError(f"window_attention: window must be a sequence of 3 integers (wt, wh, ww), got {window!r}.")
     entries = [operator.index(w) for w in entries]
-    if len(entries) != 3:
-        raise ValueError(f"window_attention: window must have 3 entries (wt, wh, ww), got {len(entries)}.")
-    if min(entries) < 1:
-        raise ValueError(f"window_attention: every window entry must be at least 1, got {tuple(entries)}.")
-    if max(entries) > MAX_WINDOW_ENTRY:
-        raise ValueError(
-            f"window_attention: every window entry must be at most {MAX_WINDOW_ENTRY} (2**31 - 1), got {tuple(entries)}."
-        )
+    if not all(-(2**63) <= w < 2**63 for w in entries):
+        raise ValueError(f"window_attention: window entries must lie in [1, {MAX_WINDOW_ENTRY}], got {tuple(entries)}.")
     return entries
 
 
@@ -174,10 +147,12 @@ def _lse_dtype(q):
 
 
 def _fake_forward(q, k, v, window, scale, rel_pos_bias):
+    check_devices("window_attention", "q", q, k=k, v=v, rel_pos_bias=rel_pos_bias)
     return q.new_empty(q.shape), q.new_empty(q.shape[:5], dtype=_lse_dtype(q))
 
 
 def _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad):
+    check_devices("window_attention", "q", q, k=k, v=v, rel_pos_bias=rel_pos_bias, grad_out=grad_out, out=out, lse=lse)
     if rel_pos_bias is not None and bias_requires_grad:
         dbias = rel_pos_bias.new_empty(rel_pos_bias.shape)
     else:
@@ -192,6 +167,7 @@ def _fake_forward_keep_probs(q, k, v, window, scale, rel_pos_bias):
 
 
 def _fake_backward_kept_probs(grad_out, q, k, v, out, lse, probs, window, scale, rel_pos_bias, bias_requires_grad):
+    check_devices("window_attention", "q", q, probs=probs)
     return _fake_backward(grad_out, q, k, v, out, lse, window, scale, rel_pos_bias, bias_requires_grad)
 
 

@@ -20,7 +20,6 @@
 namespace walt::attn::cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kBiasSmemLimit = 48 * 1024;  // bytes of per-warp bias tables kept in shared memory
 
 template <typename Elem, int D>
@@ -60,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
   const WindowGeometry& geo = p.geo;
   const int64_t windows = num_windows(geo);
   const int64_t task_id = blockIdx.x;
-  const Task task = decode_task(task_id, p.heads, windows);
+  const WindowTask task = decode_task(task_id, p.heads, windows);
   const WindowExtent e = window_extent(geo, task.win);
   const int n = static_cast<int>(e.n);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -79,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
   const int64_t table_size = bias_table_size(geo);
   const float* bias = p.bias != nullptr ? p.bias + task.head * table_size : nullptr;
   const bool want_dbias = bias != nullptr && bp.dbias != nullptr;
-  const int center = bias_center(geo);
+  const int center = static_cast<int>(bias_center(geo));
   float* tables = nullptr;  // kWarps tables of table_size floats
   if (want_dbias) {
     tables = tables_in_smem ? sTables : bp.dbias_partial + task_id * kWarps * table_size;

@@ -17,9 +17,6 @@
 namespace walt::attn::cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 template <typename Elem, int D>
 constexpr int forward_smem_bytes() {
   return 3 * kTileRows * (D + kPad) * int(sizeof(Elem)) + kTileRows * int(sizeof(int));
@@ -40,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   const int64_t windows = num_windows(geo);
   const int64_t q_tiles = (max_window_tokens(geo) + kTileRows - 1) / kTileRows;
   const int64_t q_tile = blockIdx.x % q_tiles;
-  const Task task = decode_task(blockIdx.x / q_tiles, p.heads, windows);
+  const WindowTask task = decode_task(blockIdx.x / q_tiles, p.heads, windows);
   const WindowExtent e = window_extent(geo, task.win);
   const int n = static_cast<int>(e.n);
   const int m0 = static_cast<int>(q_tile) * kTileRows;
@@ -58,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   // This thread's two query rows (g and g+8 of the warp's 16) and their bias positions.
   const int row_a = m0 + warp * 16 + g, row_b = row_a + 8;
   const float* bias = p.bias != nullptr ? p.bias + task.head * bias_table_size(geo) : nullptr;
-  const int center = bias_center(geo);
+  const int center = static_cast<int>(bias_center(geo));
   const int pos_a = row_a < n ? bias_pos(geo, e, row_a) + center : 0;
   const int pos_b = row_b < n ? bias_pos(geo, e, row_b) + center : 0;
   const float scale_log2 = p.scale * kLog2e;

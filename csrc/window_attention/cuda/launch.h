@@ -14,17 +14,12 @@
 
 namespace walt::attn::cuda {
 
-// Element strides of a (B, T, H, W, heads, ·) tensor: batch, t, h, w, head.
-struct Strides5 {
-  int64_t b, t, h, w, head;
-};
-
 struct ForwardParams {
   DType dtype;  // f16 or bf16
   const void *q, *k, *v;
-  Strides5 sq, sk, sv;
+  TokenStrides sq, sk, sv;
   void* out;
-  Strides5 so;
+  TokenStrides so;
   float* lse;       // natural-log logsumexp per query, (B, T, H, W, heads) contiguous
   const float* bias;  // (heads, bias_table_size(geo)) contiguous float32, or nullptr
   WindowGeometry geo;
@@ -36,10 +31,10 @@ struct ForwardParams {
 struct BackwardParams {
   ForwardParams fwd;  // the forward's inputs, out and lse
   const void* grad_out;
-  Strides5 sdo;
+  TokenStrides sdo;
   const float* delta;  // rowsum(grad_out * out) per query, like lse
   void *dq, *dk, *dv;  // written with the strides below
-  Strides5 sdq, sdk, sdv;
+  TokenStrides sdq, sdk, sdv;
   float* dq_accum;       // scratch: batch * windows * heads * max_window_tokens * head_dim floats
   float* dbias_partial;  // scratch: batch * windows * heads * 4 * bias_table_size floats, or nullptr
   float* dbias;          // (heads, bias_table_size) float32 output, or nullptr

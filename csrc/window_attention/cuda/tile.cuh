@@ -5,7 +5,8 @@
 // SM75_U32x4_LDSM_N and SM75_U16x8_LDSM_T (ldmatrix x4 and x4.trans), and
 // SM80_16x8x16_F32{F16F16,BF16BF16}F32_TN (mma.sync m16n8k16, row.col, f32 accumulators). Two
 // details are CuTe's: its cp.async carries the .L2::128B prefetch hint, and cp_async_wait<0> is
-// cp.async.wait_all (an empty commit, then a wait for every group).
+// cp.async.wait_all (an empty commit, then a wait for every group). The window index math (tasks,
+// token offsets, bias positions) is walt/window_geometry.h's, called with int token indices.
 //
 // Fragment layout of mma.m16n8k16 (PTX ISA), lane = 4 g + c:
 //   A (16x16, row): a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
@@ -26,6 +27,7 @@
 #include <cute/arch/mma_sm80.hpp>
 
 #include "launch.h"
+#include "walt/constants.h"
 #include "walt/cuda_convert.cuh"
 #include "walt/window_geometry.h"
 
@@ -88,46 +90,11 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const Elem* tile, 
   cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const Chunk*>(p), b[0], b[1], b[2], b[3]);
 }
 
-// Window-local coordinates of token `local`: walt::local_coords in 32-bit arithmetic (a window
-// holds far fewer than 2^31 tokens), since 64-bit division is slow on the GPU.
-__device__ __forceinline__ void local_coords32(const WindowExtent& e, int local, int& t, int& h, int& w) {
-  const int ew = static_cast<int>(e.ew), eh = static_cast<int>(e.eh);
-  w = local % ew;
-  h = (local / ew) % eh;
-  t = local / (ew * eh);
-}
-
-// Element offset of token `local` of window extent `e` in batch b.
-__device__ __forceinline__ int64_t token_offset(const WindowExtent& e, int local, const Strides5& s, int64_t b) {
-  int t, h, w;
-  local_coords32(e, local, t, h, w);
-  return b * s.b + (e.start.t + t) * s.t + (e.start.h + h) * s.h + (e.start.w + w) * s.w;
-}
-
-// Flat (B, T, H, W) index of token `local`, for per-token arrays such as the logsumexp.
-__device__ __forceinline__ int64_t token_index(const WindowGeometry& g, const WindowExtent& e, int local, int64_t b) {
-  int t, h, w;
-  local_coords32(e, local, t, h, w);
-  return ((b * g.T + e.start.t + t) * g.H + e.start.h + h) * g.W + e.start.w + w;
-}
-
-// Position of a window-local token in the bias table's flat index, up to a constant: the index of
-// the pair (a, b) is bias_center + bias_pos(a) - bias_pos(b) (walt/window_geometry.h's bias_index
-// is affine in each coordinate).
-__device__ __forceinline__ int bias_pos(const WindowGeometry& g, const WindowExtent& e, int local) {
-  int t, h, w;
-  local_coords32(e, local, t, h, w);
-  return (t * static_cast<int>(2 * g.rh - 1) + h) * static_cast<int>(2 * g.rw - 1) + w;
-}
-__device__ __forceinline__ int bias_center(const WindowGeometry& g) {
-  return static_cast<int>(((g.rt - 1) * (2 * g.rh - 1) + (g.rh - 1)) * (2 * g.rw - 1) + (g.rw - 1));
-}
-
 // Gathers rows [row0, row0 + kTileRows) of a window (rows >= n are zero) into a shared tile of
 // kTileRows x (D + kPad) elements, one 16-byte cp.async per thread per step.
 template <typename Elem, int D>
 __device__ __forceinline__ void gather_rows(Elem* tile, const Elem* base, const WindowExtent& e, int row0,
-                                            const Strides5& s, int64_t b, int64_t head) {
+                                            const TokenStrides& s, int64_t b, int64_t head) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   for (int i = threadIdx.x; i < kTileRows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
@@ -138,19 +105,6 @@ __device__ __forceinline__ void gather_rows(Elem* tile, const Elem* base, const 
     Chunk& dst = *reinterpret_cast<Chunk*>(tile + r * (D + kPad) + c * 8);
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<Chunk>::copy(*reinterpret_cast<const Chunk*>(src), dst, valid);
   }
-}
-
-// (batch, window, head) of a flat task index, the head fastest.
-struct Task {
-  int64_t b, win, head;
-};
-__device__ __forceinline__ Task decode_task(int64_t task, int64_t heads, int64_t windows) {
-  Task t;
-  t.head = task % heads;
-  task /= heads;
-  t.win = task % windows;
-  t.b = task / windows;
-  return t;
 }
 
 }  // namespace walt::attn::cuda

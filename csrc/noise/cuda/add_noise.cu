@@ -1,19 +1,19 @@
-// CUDA kernel of walt::add_noise (torch-free; registered by op_cuda.cpp).
+// CUDA kernel of walt::add_noise (torch-free; launch.h is its interface, op_cuda.cpp registers it).
 //
 // One thread per Philox block (4 consecutive elements of one sample): it draws the block's four
 // normals with the same header the CPU kernel uses (walt/philox.h), so CPU and CUDA give the same
 // eps for the same (seed, key, element index), and writes x_t and the target with 4-element
-// accesses where the layout allows. The per-sample coefficients a, s come from op.cpp's checks
-// (computed by torch, as diffusers computes them) and walt/noising.h pins every rounding, so an
-// explicit eps gives the same bits as diffusers' add_noise / get_velocity.
+// accesses where the layout allows. The per-sample coefficients a, s come from the shared checks
+// (checks.cpp; computed by torch, as diffusers computes them) and walt/noising.h pins every
+// rounding, so an explicit eps gives the same bits as diffusers' add_noise / get_velocity.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "noise_cuda.h"
+#include "launch.h"
 #include "walt/cuda_convert.cuh"
 #include "walt/philox.h"
 
-namespace walt::noise {
+namespace walt::noise::cuda {
 namespace {
 
 template <typename T>
@@ -93,7 +93,7 @@ __global__ void add_noise_kernel(const T* __restrict__ x0, const T* __restrict__
 bool aligned(const void* p, size_t bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <NoiseTarget target, typename T>
-cudaError_t launch_typed(const CudaNoiseParams& p, cudaStream_t stream) {
+cudaError_t launch_typed(const AddNoiseParams& p, cudaStream_t stream) {
   using acc_t = typename Compute<T>::type;
   const int64_t total = p.batch * ((p.per_sample + 3) / 4);
   if (total == 0) return cudaSuccess;
@@ -124,7 +124,7 @@ cudaError_t launch_typed(const CudaNoiseParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_target(const CudaNoiseParams& p, cudaStream_t stream) {
+cudaError_t launch_target(const AddNoiseParams& p, cudaStream_t stream) {
   switch (p.target) {
     case NoiseTarget::v:
       return launch_typed<NoiseTarget::v, T>(p, stream);
@@ -138,7 +138,7 @@ cudaError_t launch_target(const CudaNoiseParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_add_noise(const CudaNoiseParams& p, cudaStream_t stream) {
+cudaError_t launch_add_noise(const AddNoiseParams& p, cudaStream_t stream) {
   switch (p.dtype) {
     case DType::f64:
       return launch_target<double>(p, stream);
@@ -152,4 +152,4 @@ cudaError_t launch_add_noise(const CudaNoiseParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-}  // namespace walt::noise
+}  // namespace walt::noise::cuda

@@ -1,4 +1,6 @@
 // CPU entry points of the window-attention op; op.cpp checks the arguments and registers them.
+// Both take inputs that passed the checks (checks.h) and have elements: op.cpp answers empty
+// inputs with empty_forward / empty_backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>

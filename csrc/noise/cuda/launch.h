@@ -1,5 +1,5 @@
-// The CUDA noise kernel's launcher, torch-free: the .cu file compiles with nvcc alone (`make
-// cuda-compile`), and op_cuda.cpp (built only with CUDA) feeds it from tensors.
+// Torch-free launcher of the CUDA noise kernel (add_noise.cu): the .cu file compiles with nvcc
+// alone (`make cuda-compile`), and op_cuda.cpp (built only with CUDA) feeds it from tensors.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -9,9 +9,9 @@
 #include "walt/dtype.h"
 #include "walt/noising.h"
 
-namespace walt::noise {
+namespace walt::noise::cuda {
 
-struct CudaNoiseParams {
+struct AddNoiseParams {
   DType dtype;                  // of x0, noise, x_t and target
   const void* x0;               // contiguous (batch, per_sample)
   const void* noise;            // like x0, or nullptr to draw Philox normals
@@ -27,6 +27,6 @@ struct CudaNoiseParams {
 };
 
 // Enqueues the kernel on `stream`; returns the launch status.
-cudaError_t launch_add_noise(const CudaNoiseParams& p, cudaStream_t stream);
+cudaError_t launch_add_noise(const AddNoiseParams& p, cudaStream_t stream);
 
-}  // namespace walt::noise
+}  // namespace walt::noise::cuda

@@ -1,4 +1,4 @@
-// See rows.h. The exp, on both ISAs: n = round(x log2 e); f = x log2 e - n in [-1/2, 1/2],
+// See isa.h. The exp, on both ISAs: n = round(x log2 e); f = x log2 e - n in [-1/2, 1/2],
 // computed with log2 e split in two floats and fused multiply-adds, so f is exact to a rounding;
 // 2^f by a degree-5 polynomial fitted for relative error (7.5e-8 on the interval); times 2^n
 // (scalef on AVX-512, exponent bits on AVX2). Within 1.9 ulp of exp over [-87.3, 0] (checked
@@ -6,7 +6,7 @@
 // scheme takes 11, and after the GEMMs the exp is the largest cost of a forward. Inputs are
 // logits minus their row max or logsumexp (<= 0 up to a rounding); below -87.3 the true value is
 // subnormal and we return 0, which also maps -inf (masked logits) to exactly 0. NaN stays NaN.
-#include "rows.h"
+#include "isa.h"
 
 #include <cmath>
 #include <cstdint>
@@ -14,14 +14,15 @@
 #include <cstring>
 
 #include "simd.h"
+#include "walt/constants.h"
 #include "walt/cpu_features.h"
 
 namespace walt::attn {
 namespace {
 
 constexpr float kExpLo = -87.33654f;
-constexpr float kLog2eHi = 1.44269502162933349609375f;  // float(log2 e)
-constexpr float kLog2eLo = 1.925963033500011e-08f;      // log2 e - kLog2eHi
+constexpr float kLog2eHi = kLog2e;                  // float(log2 e) = 1.44269502162933349609375
+constexpr float kLog2eLo = 1.925963033500011e-08f;  // log2 e - kLog2eHi
 constexpr float kE0 = 1.0000000716545798f, kE1 = 0.6931469670614677f, kE2 = 0.2402211972418474f;
 constexpr float kE3 = 0.05550713278876275f, kE4 = 0.009675541320609927f, kE5 = 0.001327647025394137f;
 
@@ -59,7 +60,8 @@ WALT_AVX512 inline __m512 log16(__m512 x) {
   p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f / 3));
   p = _mm512_fmadd_ps(p, t2, _mm512_set1_ps(1.f));
   const __m512 log_m = _mm512_mul_ps(_mm512_add_ps(t, t), p);
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147182f), _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654299e-9f), log_m));
+  // e ln 2 with ln 2 split in two floats: kLn2 + (ln 2 - kLn2)
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2), _mm512_fmadd_ps(e, _mm512_set1_ps(-1.904654299e-9f), log_m));
 }
 WALT_AVX512 void log_add_avx512(float* lse, const float* m, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
@@ -249,21 +251,22 @@ WALT_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 }
 #endif  // __x86_64__
 
-// WALT_CPU_ISA=avx2|baseline caps the choice below what the CPU offers, so the other code paths
-// (including the BLAS GEMM path) can be tested on any machine.
+// The row loops and GEMM of cpu_isa(): WALT_CPU_ISA caps the choice below what the CPU offers, so
+// the other code paths (including the BLAS GEMM path) can be tested on any machine.
 RowOps pick() {
-  const char* cap = std::getenv("WALT_CPU_ISA");
-  const bool allow512 = cap == nullptr || std::strcmp(cap, "avx512f") == 0;
-  const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
-  (void)allow512;
-  (void)allow2;
+  const CpuIsa isa = cpu_isa();
 #if defined(__x86_64__)
-  if (allow512 && cpu_has_avx512f()) return {"avx512f", max_avx512, exp_sum_avx512, log_add_avx512, exp_avx512, scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512, add_avx512,
-                                                     bias_add_avx512, bias_acc_avx512, gemm_rows_avx512, transpose16_avx512};
+  if (isa == CpuIsa::avx512)
+    return {"avx512f",         max_avx512,          exp_sum_avx512,         log_add_avx512,    exp_avx512,
+            scale_copy_avx512, softmax_grad_avx512, softmax_grad_dp_avx512, dot_avx512,        add_avx512,
+            bias_add_avx512,   bias_acc_avx512,     gemm_rows_avx512,       transpose16_avx512};
   using P = PlainRows<float>;
-  if (allow2 && cpu_has_avx2()) return {"avx2", max_avx2, exp_sum_avx2, P::log_add, exp_avx2, P::scale_copy, softmax_grad_avx2, P::softmax_grad_dp, dot_avx2, P::add, P::bias_add,
-                                          P::bias_acc, gemm_rows_avx2, transpose16_avx2};
+  if (isa == CpuIsa::avx2)
+    return {"avx2",        max_avx2,          exp_sum_avx2,       P::log_add,      exp_avx2,
+            P::scale_copy, softmax_grad_avx2, P::softmax_grad_dp, dot_avx2,        P::add,
+            P::bias_add,   P::bias_acc,       gemm_rows_avx2,     transpose16_avx2};
 #endif
+  (void)isa;
   using B = PlainRows<float>;
   return {"baseline", B::max, B::exp_sum, B::log_add, B::exp, B::scale_copy, B::softmax_grad, B::softmax_grad_dp, B::dot, B::add, B::bias_add, B::bias_acc,
           nullptr, nullptr};

@@ -1,7 +1,8 @@
-// Row loops of the float32 attention kernel (softmax and its backward) and its GEMM, compiled
-// for AVX-512, AVX2+FMA and a baseline and picked once at run time from the CPU's features. The build is
-// portable (no -march=native), so these are the only places that use wider vectors than SSE2.
-// One ISA gives one result: the same machine always reproduces the same bits.
+// The CPU kernel's ISA dispatch table: the float32 row loops (softmax and its backward) and the
+// GEMM, compiled for AVX-512, AVX2+FMA and a baseline (isa.cpp, gemm_avx512.cpp, gemm_avx2.cpp),
+// one set picked once at run time from the CPU's features (row_ops()). The build is portable (no
+// -march=native), so these are the only places that use wider vectors than SSE2. One ISA gives
+// one result: the same machine always reproduces the same bits.
 #pragma once
 
 #include <cmath>
