@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--run", help="diffusion run (default: a tiny one made here)")
     ap.add_argument("--data", help="data for the dump (default: a world store made here)")
     ap.add_argument("--split", default=None)
-    ap.add_argument("--clips", type=int, default=48)
+    ap.add_argument("--clips", type=int, default=192)
     ap.add_argument("--blocks", default="1,2,3")
     ap.add_argument("--t", default="0,200")
     ap.add_argument("--batch-size", type=int, default=8)
