@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from probes.readouts import normalize_features
-from walt.heap import reused_heap
 from probes.tasks import Task, get_task
+from walt.heap import reused_heap
 
 __all__ = ["ArraySource", "as_source", "lr_factor", "GroupAdamW", "fit", "predict"]
 
@@ -161,6 +161,7 @@ def _member(out, g):
     return tuple(o[g] for o in out) if isinstance(out, tuple) else out[g]
 
 
+@reused_heap()
 def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epochs=10, batch_size=32,
         warmup=0.1, weight_decay=0.05, width=64, heads=4, data_seed=0, eval_batch_size=64,
         progress=None, return_readout=False):
@@ -172,13 +173,6 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
     and ``test_per_clip`` {seed: [primary metric per test clip]} for bootstrap intervals
     (``readout`` too with return_readout=True). Deterministic given seeds and data_seed.
     """
-    with reused_heap():
-        return _fit(task, train, val, test, lrs, seeds, epochs, batch_size, warmup, weight_decay, width, heads,
-                    data_seed, eval_batch_size, progress, return_readout)
-
-
-def _fit(task, train, val, test, lrs, seeds, epochs, batch_size, warmup, weight_decay, width, heads, data_seed,
-         eval_batch_size, progress, return_readout):
     task = get_task(task) if isinstance(task, str) else task
     srcs = {name: as_source(d) for name, d in (("train", train), ("val", val), ("test", test))}
     for name, src in srcs.items():

@@ -2,6 +2,7 @@
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import platform
 import threading
 
@@ -12,6 +13,7 @@ _heap_lock = threading.Lock()
 _heap_users = 0
 
 
+@functools.cache
 def _glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -31,7 +33,8 @@ def reused_heap():
     (grids of 4 depth readouts at 64 x 64 ran 1.7-2x slower), and a feature dump spent a fifth of
     its CPU time in the kernel. Inside, nothing is mapped and nothing freed is given back, which
     is what LD_PRELOADing jemalloc would do; the defaults are restored (and the heap trimmed)
-    when the last user in the process leaves. glibc only; elsewhere this does nothing."""
+    when the last user in the process leaves. glibc only; elsewhere this does nothing. Also a
+    decorator (`@reused_heap()`)."""
     global _heap_users
     libc = _glibc()
     if libc is None:

@@ -26,6 +26,7 @@ from walt.features.h5 import (
     rank_slice,
     shard_path,
 )
+from walt.heap import reused_heap
 
 FORMATS = ("world", "tapvid", "videos", "images", "rgbd")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
@@ -270,6 +271,7 @@ def _extras(samples, store_video=True):
     return {"video": video, "labels": labels, "targets": targets}
 
 
+@reused_heap()
 def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, batch_size: int = 8, write: bool = True,
          store_video: bool = True, progress: bool = False, rank: int = 0, world: int = 1, num_workers: int = 0,
          barrier=None) -> str | None:
@@ -316,18 +318,16 @@ def dump(out: str, backbone: Backbone, clips: PreparedClips, attrs: dict, *, bat
             yield ids, torch.stack([s["video"] for s in samples])
 
     from walt.features.extract import extract
-    from walt.heap import reused_heap
 
     bar = tqdm(total=len(todo), unit="clip", desc=f"walt-probe dump {os.path.basename(out)}",
                disable=not progress or rank != 0)
     try:
-        with reused_heap():
-            for ids, feats in extract(backbone, batches()):
-                samples = pending.popleft()
-                feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
-                if writer is not None:
-                    writer.put(ids.numpy() - lo, feats16, **_extras(samples, store_video))
-                bar.update(len(ids))
+        for ids, feats in extract(backbone, batches()):
+            samples = pending.popleft()
+            feats16 = {k: _to_float16(v, k, ids) for k, v in feats.items()}
+            if writer is not None:
+                writer.put(ids.numpy() - lo, feats16, **_extras(samples, store_video))
+            bar.update(len(ids))
         if writer is not None:
             writer.close()
     except BaseException:

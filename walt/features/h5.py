@@ -256,11 +256,8 @@ class FeatureWriter:
         while self._in_flight >= self._queue_size and self._error is None:
             self._collect(block=True)
         self._raise()
-        self._send((np.asarray(index, np.int64), features, video, labels or {}, targets or []))
+        self._outbox.put((np.asarray(index, np.int64), features, video, labels or {}, targets or []))
         self._in_flight += 1
-
-    def _send(self, item):
-        self._outbox.put(item)
 
     def _send_all(self):
         """The sending thread: batches (then None) to the writing side, in order."""
@@ -288,17 +285,24 @@ class FeatureWriter:
         """Take the writing side's acknowledgements: all that are ready (and wait for one if `block`)."""
         while self._in_flight and (block or self._acks.poll()):
             block = False
-            try:
-                kind, value = self._acks.recv()
-            except (EOFError, OSError):
+            if self._take() is None:
                 self._in_flight = 0
-                self._error = self._error or self._worker_gone()
                 return
             self._in_flight -= 1
-            if kind == "done":
-                self._done[value] = True
-            elif kind == "error" and self._error is None:
-                self._error = _as_exception(value)
+
+    def _take(self):
+        """Read one message of the writing side and note what it says; its kind, or None when the
+        writing side ended without saying it closed."""
+        try:
+            kind, value = self._acks.recv()
+        except (EOFError, OSError):
+            self._error = self._error or self._worker_gone()
+            return None
+        if kind == "done":
+            self._done[value] = True
+        elif kind in ("error", "closed") and value is not None and self._error is None:
+            self._error = _as_exception(value)
+        return kind
 
     def _raise(self):
         if self._error is not None:
@@ -312,22 +316,10 @@ class FeatureWriter:
         if self._closed:
             return
         self._closed = True
-        self._send(None)
+        self._outbox.put(None)
         self._sender.join()
-        while True:
-            try:
-                kind, value = self._acks.recv()
-            except (EOFError, OSError):
-                self._error = self._error or self._worker_gone()  # it ended without saying it closed
-                break
-            if kind == "closed":
-                if value is not None and self._error is None:
-                    self._error = _as_exception(value)
-                break
-            if kind == "done":
-                self._done[value] = True
-            elif kind == "error" and self._error is None:
-                self._error = _as_exception(value)
+        while self._take() not in (None, "closed"):
+            pass
         self._in_flight = 0
         self._worker.wait()
         self._batches.close()
@@ -390,8 +382,8 @@ def _serve(path: str, batches, acks):
     if sink is not None and not failed:
         try:
             sink.close()
-        except OSError as e:
-            closing = ("FeatureWriteError", f"cannot write features to {path} ({_first_line(e)}).")
+        except Exception as e:  # noqa: BLE001
+            closing = _describe(path, e)
     _send_quietly(acks, ("closed", closing))
     acks.close()
     return not failed and closing is None
@@ -478,15 +470,15 @@ class FileSink:
         return self.f.get(name)
 
     def _write(self, index, features, video, labels, targets):
+        columns = {f"features/{key}": arr for key, arr in features.items()}
+        if video is not None:
+            columns["video"] = video
+        columns.update({f"labels/{task}": np.asarray(v, np.int64) for task, v in labels.items()})
         for lo, hi, off in _runs(index):
-            sl = np.s_[off:off + hi - lo]
-            for key, arr in features.items():
-                self._dataset(f"features/{key}")[lo:hi] = arr[sl]
-            for name, values in [("video", video)] + [(f"labels/{t}", np.asarray(v, np.int64)) for t, v in labels.items()]:
-                ds = self._dataset(name) if values is not None else None
+            for name, values in columns.items():
+                ds = self._dataset(name)  # closed when rebound: its chunks are written then
                 if ds is not None:
-                    ds[lo:hi] = values[sl]
-                del ds  # closed: its chunks are written now
+                    ds[lo:hi] = values[off:off + hi - lo]
         self._write_targets(index, targets)
 
     def _write_targets(self, index, targets):
