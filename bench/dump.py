@@ -12,8 +12,6 @@ each is reported, with their ratio and the CPU's features (python -m walt.info).
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -101,14 +99,15 @@ def main():
         size_mib = sizes[-1] / 2**20
     finally:
         shutil.rmtree(tmp)
-    info = subprocess.run([sys.executable, "-m", "walt.info"], capture_output=True, text=True, check=False).stdout
-    cpu = next((line.strip() for line in info.splitlines() if line.strip().startswith("cpu_features")), "cpu_features: ?")
+    from walt.info import info
+
+    machine = info()
     print(f"dump of {len(clips)} clips {'x'.join(map(str, size))}, features {backbone.keys}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads; file {size_mib:.1f} MiB")
     print(f"writing on:  {max(on):.2f} clips/s (rounds {', '.join(f'{x:.2f}' for x in on)})")
     print(f"writing off: {max(off):.2f} clips/s (rounds {', '.join(f'{x:.2f}' for x in off)})")
     print(f"ratio on/off: {max(on) / max(off):.3f} (goal >= 0.90)")
-    print(cpu)
+    print(f"cpu_features: {machine['cpu_features']}, attention_cpu: {machine['attention_cpu']}")
 
 
 if __name__ == "__main__":
