@@ -218,7 +218,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
     test_out, test_t = predict(task, readout, srcs["test"], spec, eval_batch_size, progress)
     val_rows, best = [], {}
     for g, (lr, s) in enumerate(members):
-        score = task.score(task.metrics(_member(val_out, g), val_t, spec))[task.primary]
+        score = task.primary_score(_member(val_out, g), val_t, spec)
         val_rows.append({"lr": lr, "seed": s, "score": score, "train_loss": float(last[g])})
         key = sign * score if np.isfinite(score) else -np.inf
         if s not in best or key > best[s][0]:

@@ -109,7 +109,7 @@ def depth_valid(gt, min_depth=DEPTH_MIN, max_depth=DEPTH_MAX):
     return np.isfinite(gt) & (gt > min_depth) & (gt < max_depth)
 
 
-def depth_metrics(pred, gt, valid=None, per_image=True):
+def depth_metrics(pred, gt, valid=None, per_image=True, keys=DEPTH_KEYS):
     """Depth errors as Depth-Anything-V2 defines them (``eval_depth`` in
     DepthAnything/Depth-Anything-V2, ``metric_depth/util/metric.py``), over valid pixels.
 
@@ -125,6 +125,8 @@ def depth_metrics(pred, gt, valid=None, per_image=True):
         over images afterwards) gives arrays of shape pred.shape[:-2], NaN for an image with no
         valid pixel. A per-clip value for bootstrapping is the mean over a clip's frames. False
         pools every valid pixel of the input into one float per metric.
+      keys: the metrics to compute (default all of ``DEPTH_KEYS``): choosing a learning rate by
+        one of them need not pay for the other eight.
     """
     pred = np.asarray(pred, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
@@ -133,6 +135,10 @@ def depth_metrics(pred, gt, valid=None, per_image=True):
     valid = depth_valid(gt) if valid is None else np.asarray(valid, dtype=bool)
     if valid.shape != gt.shape:
         raise ValueError(f"valid must have gt's shape {gt.shape}, got {valid.shape}")
+    unknown = [k for k in keys if k not in DEPTH_KEYS]
+    if unknown:
+        raise ValueError(f"unknown depth metric(s) {unknown}; known: {', '.join(DEPTH_KEYS)}")
+    want = set(keys)
     if per_image:
         lead = gt.shape[:-2]
         pred, gt, valid = (a.reshape(lead + (-1,)) for a in (pred, gt, valid))
@@ -147,20 +153,22 @@ def depth_metrics(pred, gt, valid=None, per_image=True):
     with np.errstate(invalid="ignore", divide="ignore"):
         n = np.sum(w, axis=axis)
         mean = lambda x: np.sum(x * w, axis=axis) / n  # noqa: E731
-        ratio = np.maximum(t / p, p / t)
-        e = p - t
-        g = np.log(p) - np.log(t)
-        out = {
-            "d1": mean(ratio < 1.25),
-            "d2": mean(ratio < 1.25 ** 2),
-            "d3": mean(ratio < 1.25 ** 3),
-            "abs_rel": mean(np.abs(e) / t),
-            "sq_rel": mean(e ** 2 / t),
-            "rmse": np.sqrt(mean(e ** 2)),
-            "rmse_log": np.sqrt(mean(g ** 2)),
-            "log10": mean(np.abs(np.log10(p) - np.log10(t))),
-            "silog": np.sqrt(mean(g ** 2) - 0.5 * mean(g) ** 2),
+        # The shared terms only where a wanted metric uses them.
+        ratio = np.maximum(t / p, p / t) if want & {"d1", "d2", "d3"} else None
+        e = p - t if want & {"abs_rel", "sq_rel", "rmse"} else None
+        g = np.log(p) - np.log(t) if want & {"rmse_log", "silog"} else None
+        formulas = {
+            "d1": lambda: mean(ratio < 1.25),
+            "d2": lambda: mean(ratio < 1.25 ** 2),
+            "d3": lambda: mean(ratio < 1.25 ** 3),
+            "abs_rel": lambda: mean(np.abs(e) / t),
+            "sq_rel": lambda: mean(e ** 2 / t),
+            "rmse": lambda: np.sqrt(mean(e ** 2)),
+            "rmse_log": lambda: np.sqrt(mean(g ** 2)),
+            "log10": lambda: mean(np.abs(np.log10(p) - np.log10(t))),
+            "silog": lambda: np.sqrt(mean(g ** 2) - 0.5 * mean(g) ** 2),
         }
+        out = {k: formulas[k]() for k in keys}
     if axis is None:
         out = {k: float(v) for k, v in out.items()}
     return out

@@ -12,6 +12,9 @@ task's targets (numpy arrays or tensors, first axis = clip). ``TASKS[name]`` is 
   values (N,)}; a split's score is the mean over clips (``np.nanmean``: clips with nothing to
   score, e.g. no visible point, are skipped), which is also what a bootstrap over clips resamples.
 - ``primary`` and ``higher_is_better``: the metric used to choose learning rates.
+- ``primary_metrics(out, data, spec)``: optional, the primary metric's per-clip values alone
+  (``{primary: (N,)}``) where computing every metric costs much more (depth); ``primary_score``
+  uses it to score every member of a grid on val.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class Task:
     inputs: Callable
     loss: Callable
     metrics: Callable
+    primary_metrics: Callable | None = None
 
     def missing(self, data) -> str | None:
         for key in ("features", "frame_index") + self.target_keys:
@@ -53,6 +57,11 @@ class Task:
                 return (f"task '{self.name}' is unavailable: the data has no '{key}' "
                         f"(expected {self.target_doc if key in self.target_keys else 'cached features'})")
         return None
+
+    def primary_score(self, out, data, spec) -> float:
+        """The split-level primary metric of one readout's outputs (what chooses a learning rate)."""
+        per_clip = (self.primary_metrics or self.metrics)(out, data, spec)
+        return self.score({self.primary: per_clip[self.primary]})[self.primary]
 
     def score(self, per_clip: dict) -> dict:
         """Split-level metrics: the mean over clips of every per-clip value (NaN clips skipped)."""
@@ -154,18 +163,36 @@ def _depth_build(spec, width=64, heads=4, seeds=None):
                         init_value=spec["init_value"], seeds=seeds)
 
 
+class _MaskedL1(torch.autograd.Function):
+    """Per member sum(|out - target| * valid): the loss of every pixel of every member, so its
+    memory passes are most of a depth step's elementwise work. One pass for the difference, one to
+    mask it, one to sum; the backward is sign(masked difference) * grad (|x|'s subgradient 0 at 0,
+    as autograd's, and 0 where invalid)."""
+
+    @staticmethod
+    def forward(ctx, out, target, valid):             # out (G, ...), target and valid (...)
+        d = (out - target).mul_(valid)
+        ctx.save_for_backward(d)
+        return torch.linalg.vector_norm(d.flatten(1), ord=1, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):                          # grad (G,)
+        (d,) = ctx.saved_tensors
+        return torch.sign(d).mul_(grad.view((-1,) + (1,) * (d.dim() - 1))), None, None
+
+
 def _depth_loss(out, batch, spec):                     # out (G, B, T, H, W) log-depth
+    """Mean absolute error of log-depth over valid pixels, per member (G,)."""
     gt = batch["depth"].float()
     valid = ((gt > M.DEPTH_MIN) & (gt < M.DEPTH_MAX)).float()
     target = torch.log(gt.clamp(min=M.DEPTH_MIN))
-    err = (out - target).abs() * valid
-    return err.flatten(1).sum(1) / valid.sum().clamp(min=1.0)
+    return _MaskedL1.apply(out, target, valid) / valid.sum().clamp(min=1.0)
 
 
-def _depth_metrics(out, data, spec):
+def _depth_metrics(out, data, spec, keys=M.DEPTH_KEYS):
     """Per image (Depth-Anything-V2), then the mean over a clip's frames with valid pixels."""
     pred = np.exp(np.asarray(out, dtype=np.float64))
-    m = M.depth_metrics(pred, _np(_get(data, "depth")))            # per image (N, T)
+    m = M.depth_metrics(pred, _np(_get(data, "depth")), keys=keys)            # per image (N, T)
     return {k: _nanmean_rows(v) for k, v in m.items()}
 
 
@@ -291,7 +318,8 @@ def _first_box(batch):
 def _make_tasks():
     tasks = {n: _classification(n) for n in CLASSIFICATION_TASKS}
     tasks["depth"] = Task("depth", ("depth",), "(N, T, H, W) depth in metres", "abs_rel", False,
-                          _depth_spec, _depth_build, lambda b: (), _depth_loss, _depth_metrics)
+                          _depth_spec, _depth_build, lambda b: (), _depth_loss, _depth_metrics,
+                          lambda out, data, spec: _depth_metrics(out, data, spec, keys=("abs_rel",)))
     tasks["camera_pose"] = Task("camera_pose", ("cam_to_world",), "(N, T, 4, 4) camera-to-world poses", "epe",
                                 False, _feature_spec_pose, _pose_build, lambda b: (), _pose_loss, _pose_metrics)
     tasks["point_tracking"] = Task(

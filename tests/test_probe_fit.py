@@ -189,3 +189,32 @@ def test_box_tracks_beat_the_first_box():
     got = r["test"]["mean"]["mean_iou"]
     assert got > base + 0.1, (got, base)
 
+
+
+def test_depth_loss_matches_its_textbook_form_and_gradient():
+    """The fused masked L1 against autograd through |out - log gt| * valid, in float64."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 2, T, S, S, dtype=torch.float64, generator=g, requires_grad=True)
+    gt = torch.rand(2, T, S, S, dtype=torch.float64, generator=g) * 12      # some beyond 10 m
+    gt[0, 0, 0, :4] = 0.0
+    loss = get_task("depth").loss(out, {"depth": gt}, None)
+    valid = ((gt.float() > M.DEPTH_MIN) & (gt.float() < M.DEPTH_MAX)).double()
+    target = torch.log(gt.float().clamp(min=M.DEPTH_MIN)).double()
+    ref = ((out - target).abs() * valid).flatten(1).sum(1) / valid.sum()
+    torch.testing.assert_close(loss, ref)
+    w = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    got, = torch.autograd.grad((loss * w).sum(), out)
+    want, = torch.autograd.grad((ref * w).sum(), out)
+    torch.testing.assert_close(got, want)
+    assert float(got[:, 0, 0, 0, :4].abs().max()) == 0.0                    # invalid pixels get no gradient
+
+
+def test_primary_score_equals_the_full_metrics_primary():
+    tr, va, te = _data("depth", n=(8, 8, 8))
+    task = get_task("depth")
+    spec = task.spec(tr)
+    rng = np.random.default_rng(0)
+    out = np.log(va["depth"]) + rng.normal(0, 0.2, va["depth"].shape)
+    full = task.score(task.metrics(out, va, spec))[task.primary]
+    assert task.primary_score(out, va, spec) == full
+    assert get_task("object").primary_score(np.eye(4)[[0, 1, 2, 3]], {"labels/object": np.arange(4)}, {}) == 1.0

@@ -141,6 +141,20 @@ def test_depth_metrics_explicit_valid_and_empty_image():
     assert m["abs_rel"][0] == pytest.approx(1.0)
 
 
+def test_depth_metrics_subset_equals_the_full_set():
+    rng = np.random.default_rng(3)
+    gt = rng.uniform(0.0, 12.0, (3, 2, 5, 6))
+    pred = rng.uniform(0.2, 9.0, gt.shape)
+    full = M.depth_metrics(pred, gt)
+    for keys in (("abs_rel",), ("silog", "d2"), ("log10",)):
+        part = M.depth_metrics(pred, gt, keys=keys)
+        assert list(part) == list(keys)
+        for k in keys:
+            np.testing.assert_array_equal(part[k], full[k])
+    with pytest.raises(ValueError, match="unknown depth metric"):
+        M.depth_metrics(pred, gt, keys=("absrel",))
+
+
 def test_scale_shift_alignment_recovers_exactly():
     rng = np.random.default_rng(1)
     gt = rng.uniform(0.5, 9.0, (2, 3, 8, 8))
