@@ -193,6 +193,24 @@ def test_writer_chunks_and_pads_variable_annotations(tmp_path):
         assert f["targets/tracks"].chunks == (1, 2, 3)  # one clip a chunk, as its first clip was
 
 
+def test_small_batches_travel_in_groups_of_a_quarter_of_the_file_and_land_as_put(tmp_path, monkeypatch):
+    sent = []
+    real = FeatureWriter._send_group
+    monkeypatch.setattr(FeatureWriter, "_send_group", lambda self: sent.append(len(self._group)) or real(self))
+    path = str(tmp_path / "g.h5")
+    with FeatureWriter(path, {"num_clips": 8, "first_clip": 0}, feature_shapes={"t0000/b00": (1, 1, 1, 4)},
+                       frame_index=[0], label_names={"cls": ("a", "b")}) as w:
+        for i in range(8):
+            labels = {} if i == 5 else {"cls": [i % 2]}  # a batch without labels is written on its own
+            w.put([i], {"t0000/b00": np.full((1, 1, 1, 1, 4), i, np.float16)}, labels=labels,
+                  targets=[{"depth": np.full((2, 2), i, np.float32)}])
+    assert sent == [2, 2, 2, 2, 0]  # a quarter of 8 clips a group; nothing left at close
+    ff = FeatureFile(path)
+    assert ff.features("t0000/b00")[:, 0, 0, 0, 0].tolist() == list(range(8))
+    assert ff.labels("cls").tolist() == [0, 1, 0, 1, 0, -1, 0, 1]
+    assert ff.target("depth")[:, 1, 1].tolist() == list(range(8))
+
+
 def write_two_batches(path, **kw):
     w = FeatureWriter(path, {"num_clips": 4, "first_clip": 0}, feature_shapes={"t0000/b00": (1, 1, 1, 4)},
                       frame_index=[0], **kw)

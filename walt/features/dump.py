@@ -256,6 +256,18 @@ def _to_float16(x: torch.Tensor, key: str, ids) -> np.ndarray:
     return h.cpu().numpy()
 
 
+def _stored(key, value):
+    """An annotation as the file stores it. Instance masks go back to the world store's uint8 (the
+    dataset widens them to int64 for training; eight times the bytes to pipe and compress)."""
+    value = value.numpy() if torch.is_tensor(value) else np.asarray(value)
+    if key == "mask" and value.dtype != np.uint8:
+        if value.size and (value.min() < 0 or value.max() > 255):
+            raise ValueError(f"instance mask ids must lie in 0..255 (stored as uint8), got "
+                             f"{value.min()}..{value.max()}")
+        value = value.astype(np.uint8)
+    return value
+
+
 def _extras(samples, store_video=True):
     """What a batch of samples stores beside its features: {"video", "labels", "targets"}."""
     from walt.data.transforms import denormalize
@@ -266,8 +278,7 @@ def _extras(samples, store_video=True):
         for task, v in s.get("labels", {}).items():
             labels[task].append(int(v))
     labels = {k: v for k, v in labels.items() if len(v) == len(samples)}
-    targets = [{k: (v.numpy() if torch.is_tensor(v) else np.asarray(v)) for k, v in s.items()
-                if k not in ("video", "labels")} for s in samples]
+    targets = [{k: _stored(k, v) for k, v in s.items() if k not in ("video", "labels")} for s in samples]
     return {"video": video, "labels": labels, "targets": targets}
 
 
