@@ -336,7 +336,9 @@ def relative_pose_errors(pred12, gt12):
       epe: end-point error of the raw 12-D vector, ||pred12 - gt12|| (Euclidean, no projection).
         This is our reading of the pose "end-point error" 4DS reports for its 12-D pose readout
         (Carreira et al., "Scaling 4D Representations", 2024): the L2 distance between predicted
-        and true pose vectors, averaged over clips. The exact 4DS evaluation code is not public
+        and true pose vectors, averaged over clips. Gen4U (Google DeepMind), which reuses the 4DS
+        setup, describes it as one end-point error over the 12-D vector "which considers the
+        rotation and translation components jointly"; the exact 4DS evaluation code is not public
         in the sources we could read, so treat the match as documented intent, not verified.
     """
     p = np.asarray(pred12, dtype=np.float64)

@@ -56,7 +56,10 @@ class ClipDataset(torch.utils.data.Dataset):
         for key, value in raw.items():
             if key == "labels":
                 continue
-            t = torch.from_numpy(np.ascontiguousarray(value))
+            value = np.ascontiguousarray(value)
+            if not value.flags.writeable:
+                value = value.copy()  # decoded images can be read-only views, which torch warns about
+            t = torch.from_numpy(value)
             if key == "video":
                 t = normalize(t)
             elif key == "mask":
