@@ -24,8 +24,9 @@ import torch
 from probes.readouts import normalize_features
 from probes.tasks import Task, get_task
 from walt.heap import reused_heap
+from walt.train.schedule import lr_factor
 
-__all__ = ["ArraySource", "as_source", "lr_factor", "GroupAdamW", "fit", "predict"]
+__all__ = ["ArraySource", "as_source", "GroupAdamW", "fit", "predict"]
 
 _META = ("frame_index", "label_names", "image_size")
 
@@ -81,15 +82,6 @@ def _view(src, n=None):
         return dict(src.data)
     idx = np.arange(len(src) if n is None else min(n, len(src)))
     return {**_meta(src), **src.get_batch(idx)}
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warmup
-    over ``warmup`` steps ((step + 1) / warmup), then cosine from 1 to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
 class GroupAdamW:
@@ -207,7 +199,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
                 out = tuple(t[None] for t in out) if isinstance(out, tuple) else out[None]
             losses = task.loss(out, b, spec)
             losses.sum().backward()
-            opt.step(lr_factor(step, total, warm))
+            opt.step(lr_factor(step, warm, total))
             last = losses.detach()
             step += 1
             bar.update(1)

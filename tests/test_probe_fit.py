@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from probes import metrics as M
-from probes.fit import ArraySource, fit, lr_factor
+from probes.fit import ArraySource, fit
 from probes.tasks import TASKS, get_task
+from walt.train.schedule import lr_factor
 
 torch.set_num_threads(1)
 TL, h, w, C, T, S = 3, 4, 4, 8, 5, 16            # 3 latent frames for 5 input frames of 16 x 16
@@ -120,7 +121,7 @@ def test_grid_member_equals_the_same_readout_trained_alone():
         {"params": [p for n, p in alone.named_parameters() if not decay[n]], "weight_decay": 0.0},
     ], lr=1e-2)
     total = epochs * (64 // bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, max(1, round(0.1 * total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max(1, round(0.1 * total)), total))
     rng = np.random.default_rng(0)
     fi = torch.from_numpy(FI)
     for _ in range(epochs):

@@ -18,7 +18,8 @@ from walt.data.synthetic import MovingShapes
 from walt.diffusion import Diffusion, DiffusionConfig
 from walt.models import TRANSFORMER_PRESETS, WALT, TransformerConfig
 from walt.train.data import StepBatches
-from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, RunInUse, lock_run_dir, lr_factor
+from walt.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLoss, RunInUse, lock_run_dir
+from walt.train.schedule import lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

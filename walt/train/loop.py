@@ -15,7 +15,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from walt.runs import autoencoder_config, snapshot_path
 from walt.train import checkpoint as ckpt
 from walt.train import distributed
 from walt.train.data import StepBatches, collate
+from walt.train.schedule import lr_factor
 
 log = logging.getLogger("walt.train")
 
@@ -164,14 +164,6 @@ def lock_run_dir(out):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def lr_factor(step, warmup, total, min_ratio):
-    """Linear warmup to 1, then cosine to min_ratio at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _lr_lambda(tc):
