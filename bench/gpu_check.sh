@@ -30,7 +30,7 @@ fi
 status=0
 WALT_FORCE_CUDA=1 $PYTHON -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
 $PYTHON -m walt.info | tee -a "$out/environment.txt"
-$PYTHON -m pytest -q -m cuda -rs tests/test_cuda.py 2>&1 | tee "$out/tests.txt" || status=1
+$PYTHON -m pytest -q -m cuda -rs tests/test_cuda.py tests/test_probe_fit.py 2>&1 | tee "$out/tests.txt" || status=1
 
 # WALT-L attention (heads 16, d 64) and a d = 128 variant on (B=8, 5, 16, 16), bf16, both windows.
 for spec in "16 64" "8 128"; do
@@ -39,5 +39,7 @@ for spec in "16 64" "8 128"; do
     --bias --json "$out/attention_h$1_d$2.json" 2>&1 | tee "$out/attention_h$1_d$2.txt" || status=1
 done
 $PYTHON bench/noise.py --device cuda --json "$out/noise.json" 2>&1 | tee "$out/noise.txt" || status=1
+# Probe readouts: a grid of 4 learning rates against one readout, trained on the GPU.
+$PYTHON bench/probe_fit.py --device cuda --rounds 3 --json "$out/probe_fit.json" 2>&1 | tee "$out/probe_fit.txt" || status=1
 echo "results in $out (exit $status)"
 exit $status

@@ -2,7 +2,7 @@
 seconds per epoch of every task at the study's size.
 
     python bench/probe_fit.py [--tasks object,depth] [--clips 256] [--latent-frames 17] [--epochs 1]
-                              [--threads N] [--json PATH]
+                              [--threads N] [--device cpu|cuda] [--json PATH]
     python bench/probe_fit.py --study [--tasks motion,depth,...] [--latent-frames 17,5] [--seeds 1,3]
 
 Default mode: features shaped like a small study (N clips x T' latent frames x 8 x 8 x 64,
@@ -75,9 +75,9 @@ def make_split(n, latent_frames, seed, size=64, frames=17, channels=64, points=3
     return d
 
 
-def timed_fit(task, splits, lrs, epochs, batch_size, seeds=(0,)):
+def timed_fit(task, splits, lrs, epochs, batch_size, seeds=(0,), device="cpu"):
     t0 = time.perf_counter()
-    fit(task, *splits, lrs=lrs, seeds=seeds, epochs=epochs, batch_size=batch_size, progress=False)
+    fit(task, *splits, lrs=lrs, seeds=seeds, epochs=epochs, batch_size=batch_size, progress=False, device=device)
     return time.perf_counter() - t0
 
 
@@ -128,6 +128,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=None, help="default: 2 (study: 1)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the readouts train (cpu, cuda); the features stay in memory")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.threads:
@@ -149,9 +150,9 @@ def main():
     for task in a.tasks.split(","):
         one, four = [], []
         for _ in range(a.rounds):
-            one.append(timed_fit(task, splits, grid[2:3], a.epochs, a.batch_size))
-            four.append(timed_fit(task, splits, grid, a.epochs, a.batch_size))
-        rows.append({"task": task, "clips": a.clips, "latent_frames": tl, "epochs": a.epochs,
+            one.append(timed_fit(task, splits, grid[2:3], a.epochs, a.batch_size, device=a.device))
+            four.append(timed_fit(task, splits, grid, a.epochs, a.batch_size, device=a.device))
+        rows.append({"task": task, "device": a.device, "clips": a.clips, "latent_frames": tl, "epochs": a.epochs,
                      "one_s": min(one), "grid4_s": min(four), "ratio": min(four) / min(one),
                      "goal": f"<= {GOAL}"})
         common.print_table(rows[-1:], list(rows[-1]))

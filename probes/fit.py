@@ -26,7 +26,7 @@ from probes.tasks import Task, get_task
 from walt.heap import reused_heap
 from walt.train.schedule import lr_factor
 
-__all__ = ["ArraySource", "as_source", "GroupAdamW", "fit", "predict"]
+__all__ = ["ArraySource", "as_source", "GroupAdamW", "fit", "predict", "resolve_device"]
 
 _META = ("frame_index", "label_names", "image_size")
 
@@ -76,6 +76,25 @@ def _torch_batch(b):
     return {k: (v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))) for k, v in b.items()}
 
 
+def _on(batch: dict, device: torch.device) -> dict:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def resolve_device(device="auto") -> torch.device:
+    """'auto' (a GPU when there is one), 'cpu', 'cuda', 'cuda:1' or a torch.device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}")
+    return dev
+
+
 def _view(src, n=None):
     """A dict standing for a split (all clips, or the first n) to infer specs and check keys."""
     if isinstance(src, ArraySource) and n is None:
@@ -90,7 +109,8 @@ class GroupAdamW:
 
     def __init__(self, params: dict, lrs, decay: dict, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8):
         self.params = params
-        self.lrs = torch.as_tensor(lrs, dtype=torch.float64)
+        device = next(iter(params.values())).device
+        self.lrs = torch.as_tensor(lrs, dtype=torch.float64).to(device)
         self.decay, self.wd, self.betas, self.eps = decay, weight_decay, betas, eps
         self.state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
         self.t = 0
@@ -125,19 +145,22 @@ def _progress(total, desc, progress):
 @torch.no_grad()
 def predict(task: Task, readout, source, spec, batch_size=64, progress=None):
     """Outputs of every member for a whole split, numpy with a leading G axis (a tuple for
-    point tracking), and the split's targets gathered from the same batches."""
+    point tracking), and the split's targets gathered from the same batches. Runs on the
+    readout's device."""
     src = as_source(source)
-    fi = torch.as_tensor(np.asarray(src.frame_index), dtype=torch.long)
+    device = next(readout.parameters()).device
+    fi = torch.as_tensor(np.asarray(src.frame_index), dtype=torch.long).to(device)
     outs, targets = [], {}
     n = len(src)
     bar = _progress(n, f"eval {task.name}", progress)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
         b = _torch_batch(src.get_batch(idx))
-        y = readout(normalize_features(b["features"]), fi, *task.inputs(b), normalized=True, hw=spec["grid"])
+        d = _on(b, device)
+        y = readout(normalize_features(d["features"]), fi, *task.inputs(d), normalized=True, hw=spec["grid"])
         if readout.single:
             y = tuple(t[None] for t in y) if isinstance(y, tuple) else y[None]
-        outs.append(tuple(t.numpy() for t in y) if isinstance(y, tuple) else y.numpy())
+        outs.append(tuple(t.cpu().numpy() for t in y) if isinstance(y, tuple) else y.cpu().numpy())
         for k in task.target_keys:
             targets.setdefault(k, []).append(b[k].numpy())
         bar.update(len(idx))
@@ -156,16 +179,21 @@ def _member(out, g):
 @reused_heap()
 def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epochs=10, batch_size=32,
         warmup=0.1, weight_decay=0.05, width=64, heads=4, data_seed=0, eval_batch_size=64,
-        progress=None, return_readout=False):
+        progress=None, return_readout=False, device="auto"):
     """Train a grid of ``lrs`` x ``seeds`` readouts together; choose the lr per seed on val.
+
+    ``device``: where the readouts train ('auto': a GPU when there is one, else the CPU); the
+    features stay where the source keeps them and travel a batch at a time.
 
     Returns a JSON-ready dict: task, primary, higher_is_better, lrs, seeds, steps, spec,
     ``chosen_lr`` {seed: lr}, ``val`` [{lr, seed, score, train_loss}] for every member,
     ``test`` {"per_seed": {seed: {metric: value}}, "mean": {...}, "std": {...}} at the chosen lrs,
     and ``test_per_clip`` {seed: [primary metric per test clip]} for bootstrap intervals
-    (``readout`` too with return_readout=True). Deterministic given seeds and data_seed.
+    (``readout`` too, on the CPU, with return_readout=True). Deterministic given seeds, data_seed
+    and the device.
     """
     task = get_task(task) if isinstance(task, str) else task
+    dev = resolve_device(device)
     srcs = {name: as_source(d) for name, d in (("train", train), ("val", val), ("test", test))}
     for name, src in srcs.items():
         probe = _view(src, 1)
@@ -174,7 +202,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
             raise ValueError(f"{why} in the {name} split")
     spec = task.spec(_view(srcs["train"]))
     members = [(float(lr), int(s)) for lr in lrs for s in seeds]
-    readout = task.build(spec, width=width, heads=heads, seeds=[s for _, s in members])
+    readout = task.build(spec, width=width, heads=heads, seeds=[s for _, s in members]).to(dev)
     params = dict(readout.named_parameters())
     opt = GroupAdamW(params, [lr for lr, _ in members], readout.decay_mask(), weight_decay)
 
@@ -183,7 +211,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
     per_epoch = max(1, n // batch_size)
     total = epochs * per_epoch
     warm = max(1, round(warmup * total))
-    fi = torch.as_tensor(np.asarray(src.frame_index), dtype=torch.long)
+    fi = torch.as_tensor(np.asarray(src.frame_index), dtype=torch.long).to(dev)
     rng = np.random.default_rng(data_seed)
     last = torch.zeros(len(members))
     bar = _progress(total, f"fit {task.name} x{len(members)}", progress)
@@ -192,7 +220,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
         perm = rng.permutation(n)
         for i in range(per_epoch):
             idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])
-            b = _torch_batch(src.get_batch(idx))
+            b = _on(_torch_batch(src.get_batch(idx)), dev)
             xhat = normalize_features(b["features"])
             out = readout(xhat, fi, *task.inputs(b), normalized=True, hw=spec["grid"])
             if readout.single:
@@ -204,6 +232,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
             step += 1
             bar.update(1)
     bar.close()
+    last = last.cpu()
 
     sign = 1.0 if task.higher_is_better else -1.0
     val_out, val_t = predict(task, readout, srcs["val"], spec, eval_batch_size, progress)
@@ -223,7 +252,7 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
     names = list(next(iter(per_seed.values())))
     result = {
         "task": task.name, "primary": task.primary, "higher_is_better": task.higher_is_better,
-        "lrs": [float(x) for x in lrs], "seeds": [int(x) for x in seeds], "steps": total,
+        "lrs": [float(x) for x in lrs], "seeds": [int(x) for x in seeds], "steps": total, "device": dev.type,
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
         "chosen_lr": {str(s): members[g][0] for s, (_, g) in best.items()},
         "val": val_rows,
@@ -235,5 +264,5 @@ def fit(task, train, val, test, *, lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0,), epo
         "test_per_clip": per_clip,
     }
     if return_readout:
-        result["readout"] = readout
+        result["readout"] = readout.cpu()
     return result

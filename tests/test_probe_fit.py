@@ -219,3 +219,32 @@ def test_primary_score_equals_the_full_metrics_primary():
     full = task.score(task.metrics(out, va, spec))[task.primary]
     assert task.primary_score(out, va, spec) == full
     assert get_task("object").primary_score(np.eye(4)[[0, 1, 2, 3]], {"labels/object": np.arange(4)}, {}) == 1.0
+
+
+def test_device_choice_fails_in_one_sentence():
+    from probes.fit import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'auto', 'cpu' or 'cuda\\[:index\\]', got 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            fit("object", *_data("object", n=(8, 8, 8)), device="cuda", **SMALL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("task", ["object", "depth", "point_tracking"])
+def test_a_grid_fitted_on_the_gpu_matches_the_cpu(task):
+    """The same grid on both devices trains to the same place. Not bitwise: GPU and CPU sum in
+    other orders, and Adam's first steps turn a near-zero gradient's sign into a whole step, so
+    the check is that losses and scores agree to a few percent."""
+    splits = _data(task, n=(64, 32, 32))
+    kw = dict(SMALL, lrs=(1e-3, 3e-3), seeds=(0,), epochs=3)
+    cpu = fit(task, *splits, device="cpu", **kw)
+    gpu = fit(task, *splits, device="cuda", **kw)
+    assert gpu["device"] == "cuda" and cpu["device"] == "cpu"
+    for a, b in zip(cpu["val"], gpu["val"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+        assert b["score"] == pytest.approx(a["score"], abs=0.05)

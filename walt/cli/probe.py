@@ -277,7 +277,9 @@ def _floats(text, what):
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--width", default=64, show_default=True, help="Readout width.")
 @click.option("--stream", is_flag=True, help="Read features from the files per batch instead of loading them into memory.")
-def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, batch_size, width, stream):
+@click.option("--device", default="auto", show_default=True,
+              help="Where the readouts train: auto (a GPU when there is one), cpu, cuda or cuda:N.")
+def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, batch_size, width, stream, device):
     """Fit readouts on cached features: a grid of learning rates x seeds in one pass over the
     data, the best lr chosen on --val, every metric reported on --test.
 
@@ -288,6 +290,7 @@ def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, ba
 
     from probes.features import FeatureSplit
     from probes.fit import fit as fit_grid
+    from probes.fit import resolve_device
     from probes.tasks import TASKS, get_task
     from walt.features.h5 import FeatureFile, FeatureFileError
     from walt.runs import sha256
@@ -299,6 +302,10 @@ def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, ba
             raise click.UsageError(f"{name} must be at least 1, got {value}.")
     if not lr_list or any(lr <= 0 for lr in lr_list):
         raise click.UsageError(f"--lrs must be positive learning rates, got {lrs!r}.")
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise click.UsageError(f"--device: {e}.") from None
     try:
         probe = FeatureSplit(train_path, key)
         with FeatureFile(val_path) as v, FeatureFile(test_path) as t:
@@ -326,7 +333,7 @@ def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, ba
               "key": key, "model": {k: attrs.get(k) for k in ("run", "kind", "mode", "step", "checkpoint_sha256")}}
     for task in chosen:
         result = fit_grid(task, *splits, lrs=lr_list, seeds=seed_list, epochs=epochs, batch_size=batch_size,
-                          width=width, progress=sys.stderr.isatty(), return_readout=True)
+                          width=width, progress=sys.stderr.isatty(), return_readout=True, device=device)
         readout = result.pop("readout")
         result["features"] = source
         _save_readout(os.path.join(out, f"{task.name}.safetensors"), readout, result, width)
@@ -355,7 +362,8 @@ def _save_readout(path, readout, result, width):
 @click.option("--key", required=True, help="Feature to read (as fitted), e.g. t0200/b02.")
 @click.option("--tasks", default="all", show_default=True, help="Comma-separated tasks, or all fitted ones.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Results JSON (default: print only).")
-def eval_(readouts, path, key, tasks, out):
+@click.option("--device", default="auto", show_default=True, help="Where the readouts run: auto, cpu, cuda or cuda:N.")
+def eval_(readouts, path, key, tasks, out, device):
     """Evaluate fitted readouts (each seed's chosen learning rate) on another feature file."""
     import json
 
@@ -365,9 +373,14 @@ def eval_(readouts, path, key, tasks, out):
     from safetensors.torch import load_file
 
     from probes.features import load_split
-    from probes.fit import predict
+    from probes.fit import predict, resolve_device
     from probes.tasks import get_task
     from walt.features.h5 import FeatureFileError
+
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise click.UsageError(f"--device: {e}.") from None
 
     names = sorted(f[:-len(".safetensors")] for f in os.listdir(readouts) if f.endswith(".safetensors")) \
         if os.path.isdir(readouts) else []
@@ -396,6 +409,7 @@ def eval_(readouts, path, key, tasks, out):
             raise click.ClickException(f"{why} in {path}.")
         readout = task.build(spec, width=int(meta["width"]), seeds=[s for _, s in members])
         readout.load_state_dict(load_file(file))
+        readout.to(device)
         with torch.no_grad():
             outs, targets = predict(task, readout, data, spec)
         per_seed = {}
