@@ -6,8 +6,8 @@ process of its own, float16 features) costs a dump. Goal: with writing >= 90% of
 
 Without --run/--data it builds, in a temporary folder, an autoencoder run (CPU preset, untrained)
 and a V-WALT run of the CPU preset trained for a few steps on 17 x 32 x 32 clips, and a world
-store of --clips test clips of that size. Rounds alternate writing on and off; the best round of
-each is reported, with their ratio and the CPU's features (python -m walt.info).
+store of --clips test clips of that size. Rounds alternate writing on and off (5 by default:
+on a shared 2-core machine single rounds vary by 10%); the best round of each is reported, with their ratio and the CPU's features (python -m walt.info).
 """
 import argparse
 import os
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--blocks", default="1,2,3")
     ap.add_argument("--t", default="0,200")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     args = ap.parse_args()
     if args.threads:
