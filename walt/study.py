@@ -238,13 +238,16 @@ class Study:
         return sets
 
     def features(self):
+        import torch
+
         from walt.features import dump as D
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as `walt-probe dump --device auto`
         caches = {}  # every dump of a split in one mode sees the same latents: encode each clip once
         for name, (spec, blocks, ts, step) in self.feature_sets().items():
             for split in ("train", "val", "test"):
                 out = os.path.join(self.out, "features", name, f"{split}.h5")
-                backbone, attrs, size = D.load_backbone(spec, blocks, ts, seed=self.p.seed, step=step)
+                backbone, attrs, size = D.load_backbone(spec, blocks, ts, seed=self.p.seed, step=step, device=device)
                 backbone.latent_cache = caches.setdefault((backbone.mode, split), {})
                 source, fmt, split_used = D.open_source(self.data, "world", split, frames=size[0])
                 clips = D.PreparedClips(source, size)
