@@ -190,8 +190,8 @@ class FeatureWriter:
             self._done = f["done"][:]
         self._error = None
         self._queue_size = max(1, int(queue_size))
-        self._group_bytes = int(group_bytes)  # lowered to a quarter of the file at the first put()
-        self._group, self._grouped, self._sized = [], 0, False
+        self._group_bytes = int(group_bytes)
+        self._group, self._grouped = [], 0
         self._in_flight = 0
         self._closed = False
         # Two one-way pipes: batches to the writing process, acknowledgements back. Batches go
@@ -268,10 +268,8 @@ class FeatureWriter:
         self._group.append(batch)
         nbytes = _nbytes(batch)
         self._grouped += nbytes
-        if not self._sized and len(batch[0]):
-            self._group_bytes = min(self._group_bytes, nbytes * self.n // (4 * len(batch[0])))
-            self._sized = True
-        if self._grouped >= self._group_bytes:
+        quarter = nbytes * self.n // (4 * max(1, len(batch[0])))  # a quarter of the file, at this batch's clip size
+        if self._grouped >= min(self._group_bytes, quarter):
             while self._in_flight >= self._queue_size and self._error is None:
                 self._collect(block=True)
             self._raise()
@@ -424,7 +422,7 @@ def _serve(path: str, batches, acks):
             try:
                 for batch in _merged(item):
                     sink.write(*batch)
-                acks.send(("done", np.concatenate([batch[0] for batch in item])))
+                acks.send(("done", np.concatenate([index for index, *_ in item])))
             except Exception as e:  # noqa: BLE001  (re-raised in the caller)
                 failed = True
                 acks.send(("error", _describe(path, e)))
@@ -473,16 +471,14 @@ class _ArrayPipe:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def fileno(self) -> int:
-        return self.fd
-
     def send(self, obj):
         buffers = []
 
         def out_of_band(buf):
-            if buf.raw().nbytes < self._IN_BAND:
+            raw = buf.raw()
+            if raw.nbytes < self._IN_BAND:
                 return True
-            buffers.append(buf.raw())
+            buffers.append(raw)
             return False
 
         head = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
