@@ -238,11 +238,10 @@ class Study:
         return sets
 
     def features(self):
-        import torch
-
+        from probes.fit import resolve_device
         from walt.features import dump as D
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # as `walt-probe dump --device auto`
+        device = resolve_device("auto")  # a GPU when there is one, as the dump CLI and the probe fits
         caches = {}  # every dump of a split in one mode sees the same latents: encode each clip once
         for name, (spec, blocks, ts, step) in self.feature_sets().items():
             for split in ("train", "val", "test"):

@@ -255,6 +255,16 @@ def _splits_of(train, val, test, key, stream):
     return [read(p) for p in (train, val, test)]
 
 
+def _device(text):
+    """--device of fit and eval as a torch.device, or a usage error in one sentence."""
+    from probes.fit import resolve_device
+
+    try:
+        return resolve_device(text)
+    except ValueError as e:
+        raise click.UsageError(f"--device: {e}.") from None
+
+
 def _floats(text, what):
     try:
         return [float(x) for x in str(text).split(",") if x.strip()]
@@ -290,7 +300,6 @@ def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, ba
 
     from probes.features import FeatureSplit
     from probes.fit import fit as fit_grid
-    from probes.fit import resolve_device
     from probes.tasks import TASKS, get_task
     from walt.features.h5 import FeatureFile, FeatureFileError
     from walt.runs import sha256
@@ -302,10 +311,7 @@ def fit(train_path, val_path, test_path, key, tasks, out, lrs, seeds, epochs, ba
             raise click.UsageError(f"{name} must be at least 1, got {value}.")
     if not lr_list or any(lr <= 0 for lr in lr_list):
         raise click.UsageError(f"--lrs must be positive learning rates, got {lrs!r}.")
-    try:
-        device = resolve_device(device)
-    except ValueError as e:
-        raise click.UsageError(f"--device: {e}.") from None
+    device = _device(device)
     try:
         probe = FeatureSplit(train_path, key)
         with FeatureFile(val_path) as v, FeatureFile(test_path) as t:
@@ -373,14 +379,11 @@ def eval_(readouts, path, key, tasks, out, device):
     from safetensors.torch import load_file
 
     from probes.features import load_split
-    from probes.fit import predict, resolve_device
+    from probes.fit import predict
     from probes.tasks import get_task
     from walt.features.h5 import FeatureFileError
 
-    try:
-        device = resolve_device(device)
-    except ValueError as e:
-        raise click.UsageError(f"--device: {e}.") from None
+    device = _device(device)
 
     names = sorted(f[:-len(".safetensors")] for f in os.listdir(readouts) if f.endswith(".safetensors")) \
         if os.path.isdir(readouts) else []
